@@ -1,0 +1,211 @@
+"""Sigmoid (multi-label) losses: `binary_cross_entropy` and `focal_loss`.
+
+Both are elementwise over any shape and computed from logits in the stable form
+softplus(x) = max(x, 0) + log1p(exp(-|x|)), so saturated logits never produce
+log(0). "mean" averages over the valid elements (those `where` keeps).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks
+from ._reduce import reduce_loss
+from ._stable import compute_dtype
+
+
+def softplus(x: jax.Array) -> jax.Array:
+    """log(1 + e^x) without overflow: max(x, 0) + log1p(exp(-|x|))."""
+    return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _check_broadcastable(name: str, x: Any, shape: tuple) -> jax.Array:
+    x = jnp.asarray(x)
+    try:
+        ok = np.broadcast_shapes(x.shape, shape) == tuple(shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"`{name}` must be broadcastable to the logits' shape {shape}, got {x.shape}.")
+    return x
+
+
+def _mesh_axes(vocab_axis_name, batch_axis_name):
+    """Elementwise losses are split over both axes alike: sum over both for the mean."""
+    names = tuple(n for n in (vocab_axis_name, batch_axis_name) if n is not None)
+    return names or None
+
+
+def _inputs(logits, targets, where):
+    """Float32/64 logits and targets, with dropped elements zeroed so that a NaN or inf
+    under a False `where` cannot reach the gradient, and the validity mask."""
+    dtype = compute_dtype(logits.dtype)
+    valid = jnp.ones(logits.shape, bool) if where is None else jnp.broadcast_to(where, logits.shape)
+    x = jnp.where(valid, logits.astype(dtype), 0)
+    t = jnp.where(valid, targets.astype(dtype), 0)
+    return x, t, valid
+
+
+def _finish(loss, valid, reduction, axes):
+    loss = jnp.where(valid, loss, 0)
+    return reduce_loss(loss, valid.astype(loss.dtype), reduction, axes)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "smoothing_static", "axes"))
+def _binary_cross_entropy(logits, targets, where, pos_weight, weights, smoothing, *,
+                          reduction, smoothing_static, axes):  # fmt: skip
+    x, t, valid = _inputs(logits, targets, where)
+    dtype = x.dtype
+    eps = smoothing_static if smoothing is None else smoothing
+    if not (isinstance(eps, float) and eps == 0.0):
+        t = jnp.where((eps >= 0) & (eps <= 1), (1 - eps) * t + eps / 2, jnp.nan)
+    if pos_weight is None:
+        loss = softplus(x) - t * x
+    else:
+        loss = pos_weight.astype(dtype) * t * softplus(-x) + (1 - t) * softplus(x)
+    if weights is not None:
+        loss = weights.astype(dtype) * loss
+    return _finish(loss, valid, reduction, axes)
+
+
+def binary_cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    *,
+    where: jax.Array | None = None,
+    pos_weight: jax.Array | None = None,
+    weights: jax.Array | None = None,
+    label_smoothing: float | jax.Array = 0.0,
+    reduction: str = "mean",
+    vocab_axis_name: Any = None,
+    batch_axis_name: Any = None,
+) -> jax.Array:
+    r"""Sigmoid binary cross-entropy from logits (PyTorch `BCEWithLogitsLoss`).
+
+    .. math::
+
+        t' = (1-\varepsilon) t + \varepsilon / 2, \qquad
+        l = w \big[p\, t' \operatorname{softplus}(-x) + (1-t') \operatorname{softplus}(x)\big]
+
+    which for p = 1 is max(x, 0) - x t' + log1p(exp(-|x|)).
+
+    Args:
+      logits: any shape, floating.
+      targets: `logits.shape`, floating, usually in [0, 1].
+      where: bool, broadcastable to `logits`; False drops an element.
+      pos_weight: p, broadcastable to `logits` (e.g. (C,)): weight of positive targets.
+      weights: w, broadcastable to `logits`: per-element rescaling (PyTorch's `weight`).
+      label_smoothing: ε in [0, 1].
+      reduction: "none", "sum" or "mean" over valid elements.
+      vocab_axis_name / batch_axis_name: mesh axes the elements are split over; "sum"
+        and "mean" then cover the whole mesh.
+
+    Returns:
+      float32 loss (float64 for float64 logits).
+    """
+    logits = _checks.check_floating("logits", logits)
+    targets = _checks.check_floating("targets", targets)
+    _checks.check_shape("targets", targets, logits.shape, "It must match `logits`.")
+    if where is not None:
+        where = _check_broadcastable("where", _checks.check_bool_mask("where", where), logits.shape)
+    if pos_weight is not None:
+        pos_weight = _check_broadcastable(
+            "pos_weight", _checks.check_floating("pos_weight", pos_weight), logits.shape
+        )
+    if weights is not None:
+        weights = _check_broadcastable(
+            "weights", _checks.check_floating("weights", weights), logits.shape
+        )
+    smoothing_static, smoothing = _checks.check_scalar_option(
+        "label_smoothing", label_smoothing, low=0.0, high=1.0
+    )
+    return _binary_cross_entropy(
+        logits, targets, where, pos_weight, weights, smoothing,
+        reduction=_checks.check_reduction(reduction),
+        smoothing_static=smoothing_static,
+        axes=_mesh_axes(_checks.check_axis_name("vocab_axis_name", vocab_axis_name),
+                        _checks.check_axis_name("batch_axis_name", batch_axis_name)),
+    )  # fmt: skip
+
+
+def _log_one_minus_pt(x: jax.Array, t: jax.Array) -> jax.Array:
+    """log(1 - p_t) where p_t = σ(x) t + (1 - σ(x))(1 - t).
+
+    1 - p_t = t σ(-x) + (1 - t) σ(x), so in log space it is a logaddexp of
+    log t - softplus(x) and log(1 - t) - softplus(-x): finite, with finite
+    derivatives, even when σ(x) rounds to 0 or 1.
+    """
+
+    def safe_log(a):
+        return jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1)), -jnp.inf)
+
+    return jnp.logaddexp(safe_log(t) - softplus(x), safe_log(1 - t) - softplus(-x))
+
+
+@functools.partial(jax.jit, static_argnames=("alpha", "gamma", "reduction", "axes"))
+def _focal_loss(logits, targets, where, *, alpha, gamma, reduction, axes):
+    x, t, valid = _inputs(logits, targets, where)
+    ce = softplus(x) - t * x
+    if gamma != 0.0:
+        # (1 - p_t)^γ as exp(γ log(1 - p_t)): its derivative stays finite for γ in (0, 1)
+        # and for saturated logits, where the power form gives 0 * inf.
+        ce = ce * jnp.exp(gamma * _log_one_minus_pt(x, t))
+    if alpha is not None:
+        ce = (alpha * t + (1 - alpha) * (1 - t)) * ce
+    return _finish(ce, valid, reduction, axes)
+
+
+def focal_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    *,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    where: jax.Array | None = None,
+    reduction: str = "mean",
+    vocab_axis_name: Any = None,
+    batch_axis_name: Any = None,
+) -> jax.Array:
+    r"""Sigmoid focal loss (Lin et al. 2017; torchvision's `sigmoid_focal_loss`).
+
+    .. math::
+
+        p_t = \sigma(x) t + (1-\sigma(x))(1-t), \quad
+        \alpha_t = \alpha t + (1-\alpha)(1-t), \quad
+        l = \alpha_t (1-p_t)^\gamma \, \mathrm{BCE}(x, t)
+
+    Args:
+      logits, targets: same shape, floating.
+      alpha: Python float in [0, 1] balancing positives; None or < 0 disables it.
+      gamma: Python float >= 0, the focusing exponent (0 gives plain BCE).
+      where: bool, broadcastable to `logits`; False drops an element.
+      reduction: "none", "sum" or "mean" over valid elements.
+      vocab_axis_name / batch_axis_name: as in `binary_cross_entropy`.
+    """
+    logits = _checks.check_floating("logits", logits)
+    targets = _checks.check_floating("targets", targets)
+    _checks.check_shape("targets", targets, logits.shape, "It must match `logits`.")
+    if where is not None:
+        where = _check_broadcastable("where", _checks.check_bool_mask("where", where), logits.shape)
+    if alpha is not None:
+        if not _checks.is_python_number(alpha):
+            raise TypeError(f"`alpha` must be a Python float or None, got {type(alpha).__name__}.")
+        alpha = float(alpha)
+        if alpha > 1:
+            raise ValueError(f"`alpha` must be <= 1 (or < 0 / None to disable it), got {alpha}.")
+        alpha = None if alpha < 0 else alpha
+    if not _checks.is_python_number(gamma):
+        raise TypeError(f"`gamma` must be a Python float >= 0, got {type(gamma).__name__}.")
+    if not gamma >= 0:
+        raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
+    return _focal_loss(
+        logits, targets, where,
+        alpha=alpha, gamma=float(gamma), reduction=_checks.check_reduction(reduction),
+        axes=_mesh_axes(_checks.check_axis_name("vocab_axis_name", vocab_axis_name),
+                        _checks.check_axis_name("batch_axis_name", batch_axis_name)),
+    )  # fmt: skip

@@ -1,0 +1,155 @@
+"""Trace-time argument validation.
+
+Everything here runs on shapes, dtypes and Python values only, so it works on
+tracers and never touches array values. Each error names the argument, what was
+expected and what was given, and where possible how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def _dtype(x: Any) -> np.dtype:
+    return jnp.result_type(x)
+
+
+def check_floating(name: str, x: Any) -> jax.Array:
+    """Return `x` as an array, raising TypeError unless its dtype is floating."""
+    if not hasattr(x, "dtype") and not isinstance(x, (list, tuple, float, int, np.number)):
+        raise TypeError(f"`{name}` must be an array, got {type(x).__name__}.")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}. Cast it with `{name}.astype(jnp.float32)`."
+        )
+    return x
+
+
+def check_integer(name: str, x: Any) -> jax.Array:
+    """Return `x` as an array, raising TypeError unless its dtype is integer."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(
+            f"`{name}` must have an integer dtype (class ids), got {x.dtype}. "
+            "For probability targets use `soft_cross_entropy`."
+        )
+    return x
+
+
+def check_axis(axis: Any, ndim: int, name: str = "logits") -> int:
+    """Normalise `axis` to a non-negative int for an array of rank `ndim`."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"`axis` must be an int, got {axis!r} ({type(axis).__name__}).")
+    if ndim == 0:
+        raise ValueError(f"`{name}` must have at least 1 dimension (the class axis), got a scalar.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"`axis` must be in [{-ndim}, {ndim}) for `{name}` of rank {ndim}, got {axis}."
+        )
+    return int(axis) % ndim
+
+
+def check_reduction(reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    return reduction
+
+
+def check_shape(name: str, x: Any, expected: tuple[int, ...], hint: str = "") -> None:
+    if _shape(x) != tuple(expected):
+        raise ValueError(
+            f"`{name}` must have shape {tuple(expected)}, got {_shape(x)}." + (f" {hint}" if hint else "")
+        )
+
+
+def check_bool_mask(name: str, x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.dtype != jnp.bool_:
+        raise TypeError(f"`{name}` must be a boolean mask, got dtype {x.dtype}. Use `{name} != 0`.")
+    return x
+
+
+def is_python_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_scalar_option(
+    name: str, value: Any, *, low: float, high: float | None = None
+) -> tuple[float | None, jax.Array | None]:
+    """Split a schedulable scalar option into (static float, dynamic array).
+
+    A Python number is checked against [low, high] now and returned as the static
+    part; an array must be a floating scalar and is returned as the dynamic part
+    (its range is enforced at run time by making the loss NaN, see `_stable`).
+    """
+    if is_python_number(value):
+        value = float(value)
+        if not (value >= low and (high is None or value <= high)):
+            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"`{name}` must be {bounds}, got {value}.")
+        return value, None
+    if isinstance(value, bool) or not hasattr(value, "shape"):
+        raise TypeError(f"`{name}` must be a float or a scalar array, got {type(value).__name__}.")
+    if _shape(value) != ():
+        raise ValueError(f"`{name}` must be a scalar, got an array of shape {_shape(value)}.")
+    if not jnp.issubdtype(_dtype(value), jnp.floating):
+        raise TypeError(f"`{name}` must be floating, got dtype {_dtype(value)}.")
+    return None, jnp.asarray(value)
+
+
+def check_positive_or_none(name: str, value: Any) -> float | None:
+    """Static options such as `softcap` and `temperature`: a Python float > 0 (or None)."""
+    if value is None:
+        return None
+    if not is_python_number(value):
+        raise TypeError(f"`{name}` must be a Python float > 0 or None, got {type(value).__name__}.")
+    if not value > 0:
+        raise ValueError(f"`{name}` must be > 0 or None, got {value}.")
+    return float(value)
+
+
+def check_ignore_index(ignore_index: Any) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(
+            f"`ignore_index` must be an int (e.g. -100) or None, got {ignore_index!r} "
+            f"({type(ignore_index).__name__})."
+        )
+    return int(ignore_index)
+
+
+def check_class_weights(class_weights: Any, num_classes: int) -> jax.Array | None:
+    if class_weights is None:
+        return None
+    class_weights = check_floating("class_weights", class_weights)
+    check_shape(
+        "class_weights",
+        class_weights,
+        (num_classes,),
+        "It holds one weight per class (the size of the class axis of `logits`).",
+    )
+    return class_weights
+
+
+def check_axis_name(name: str, value: Any) -> Any:
+    """Mesh axis names are hashable (a str or a tuple of str); None means unsharded."""
+    if value is None:
+        return None
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a mesh axis name (str) or None, got {value!r}.") from None
+    return value

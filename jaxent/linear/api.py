@@ -1,0 +1,2 @@
+def linear_cross_entropy(*args, **kwargs):
+    raise NotImplementedError
