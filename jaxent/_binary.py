@@ -31,7 +31,9 @@ def _check_broadcastable(name: str, x: Any, shape: tuple) -> jax.Array:
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(f"`{name}` must be broadcastable to the logits' shape {shape}, got {x.shape}.")
+        raise ValueError(
+            f"`{name}` must be broadcastable to the logits' shape {shape}, got {x.shape}."
+        )
     return x
 
 
@@ -57,8 +59,9 @@ def _finish(loss, valid, reduction, axes):
 
 
 @functools.partial(jax.jit, static_argnames=("reduction", "smoothing_static", "axes"))
-def _binary_cross_entropy(logits, targets, where, pos_weight, weights, smoothing, *,
-                          reduction, smoothing_static, axes):  # fmt: skip
+def _binary_cross_entropy(
+    logits, targets, where, pos_weight, weights, smoothing, *, reduction, smoothing_static, axes
+):
     x, t, valid = _inputs(logits, targets, where)
     dtype = x.dtype
     eps = smoothing_static if smoothing is None else smoothing
@@ -125,12 +128,19 @@ def binary_cross_entropy(
         "label_smoothing", label_smoothing, low=0.0, high=1.0
     )
     return _binary_cross_entropy(
-        logits, targets, where, pos_weight, weights, smoothing,
+        logits,
+        targets,
+        where,
+        pos_weight,
+        weights,
+        smoothing,
         reduction=_checks.check_reduction(reduction),
         smoothing_static=smoothing_static,
-        axes=_mesh_axes(_checks.check_axis_name("vocab_axis_name", vocab_axis_name),
-                        _checks.check_axis_name("batch_axis_name", batch_axis_name)),
-    )  # fmt: skip
+        axes=_mesh_axes(
+            _checks.check_axis_name("vocab_axis_name", vocab_axis_name),
+            _checks.check_axis_name("batch_axis_name", batch_axis_name),
+        ),
+    )
 
 
 def _log_one_minus_pt(x: jax.Array, t: jax.Array) -> jax.Array:
@@ -204,8 +214,14 @@ def focal_loss(
     if not gamma >= 0:
         raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
     return _focal_loss(
-        logits, targets, where,
-        alpha=alpha, gamma=float(gamma), reduction=_checks.check_reduction(reduction),
-        axes=_mesh_axes(_checks.check_axis_name("vocab_axis_name", vocab_axis_name),
-                        _checks.check_axis_name("batch_axis_name", batch_axis_name)),
-    )  # fmt: skip
+        logits,
+        targets,
+        where,
+        alpha=alpha,
+        gamma=float(gamma),
+        reduction=_checks.check_reduction(reduction),
+        axes=_mesh_axes(
+            _checks.check_axis_name("vocab_axis_name", vocab_axis_name),
+            _checks.check_axis_name("batch_axis_name", batch_axis_name),
+        ),
+    )

@@ -93,17 +93,39 @@ def resolve(static: float | None, dynamic: jax.Array | None):
 
 
 _STATIC = (
-    "axis", "where_kind", "ignore_index", "softcap", "reduction", "return_aux",
-    "label_smoothing_static", "z_loss_static", "vocab_axis_name", "batch_axis_name",
-)  # fmt: skip
+    "axis",
+    "where_kind",
+    "ignore_index",
+    "softcap",
+    "reduction",
+    "return_aux",
+    "label_smoothing_static",
+    "z_loss_static",
+    "vocab_axis_name",
+    "batch_axis_name",
+)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _cross_entropy(
-    logits, labels, where, class_weights, label_smoothing, z_loss, *, axis, where_kind,
-    ignore_index, softcap, reduction, return_aux, label_smoothing_static, z_loss_static,
-    vocab_axis_name, batch_axis_name,
-):  # fmt: skip
+    logits,
+    labels,
+    where,
+    class_weights,
+    label_smoothing,
+    z_loss,
+    *,
+    axis,
+    where_kind,
+    ignore_index,
+    softcap,
+    reduction,
+    return_aux,
+    label_smoothing_static,
+    z_loss_static,
+    vocab_axis_name,
+    batch_axis_name,
+):
     logit_mask, position_mask = masks_class_last(where, where_kind, logits.shape, axis)
     rows = categorical_rows(
         jnp.moveaxis(logits, axis, -1),
@@ -120,8 +142,18 @@ def _cross_entropy(
     return finish(rows, reduction, return_aux, batch_axis_name)
 
 
-def check_common(logits, axis, where, class_weights, label_smoothing, z_loss, softcap,
-                 reduction, vocab_axis_name, batch_axis_name):  # fmt: skip
+def check_common(
+    logits,
+    axis,
+    where,
+    class_weights,
+    label_smoothing,
+    z_loss,
+    softcap,
+    reduction,
+    vocab_axis_name,
+    batch_axis_name,
+):
     """Validation shared by the categorical losses; returns normalised options."""
     logits = _checks.check_floating("logits", logits)
     axis = _checks.check_axis(axis, logits.ndim)
@@ -200,14 +232,26 @@ def cross_entropy(
       >>> loss = jaxent.cross_entropy(logits, labels, ignore_index=-100,
       ...                             label_smoothing=0.1)
     """
-    opts = check_common(logits, axis, where, class_weights, label_smoothing, z_loss, softcap,
-                        reduction, vocab_axis_name, batch_axis_name)  # fmt: skip
+    opts = check_common(
+        logits,
+        axis,
+        where,
+        class_weights,
+        label_smoothing,
+        z_loss,
+        softcap,
+        reduction,
+        vocab_axis_name,
+        batch_axis_name,
+    )
     labels = _checks.check_integer("labels", labels)
     _checks.check_shape(
-        "labels", labels, opts["positions"],
+        "labels",
+        labels,
+        opts["positions"],
         f"It must be `logits.shape` {tuple(opts['logits'].shape)} without the class axis "
         f"(axis={opts['axis']}).",
-    )  # fmt: skip
+    )
     ignore_index = _checks.check_ignore_index(ignore_index)
     return _cross_entropy(
         opts["logits"],
@@ -231,10 +275,23 @@ def cross_entropy(
 
 @functools.partial(jax.jit, static_argnames=tuple(n for n in _STATIC if n != "ignore_index"))
 def _soft_cross_entropy(
-    logits, targets, where, class_weights, label_smoothing, z_loss, *, axis, where_kind,
-    softcap, reduction, return_aux, label_smoothing_static, z_loss_static, vocab_axis_name,
+    logits,
+    targets,
+    where,
+    class_weights,
+    label_smoothing,
+    z_loss,
+    *,
+    axis,
+    where_kind,
+    softcap,
+    reduction,
+    return_aux,
+    label_smoothing_static,
+    z_loss_static,
+    vocab_axis_name,
     batch_axis_name,
-):  # fmt: skip
+):
     logit_mask, position_mask = masks_class_last(where, where_kind, logits.shape, axis)
     rows = soft_rows(
         jnp.moveaxis(logits, axis, -1),
@@ -285,8 +342,18 @@ def soft_cross_entropy(
     target the loss is +inf. Gradients flow to `targets` too (wrap them in
     `lax.stop_gradient` for a frozen teacher).
     """
-    opts = check_common(logits, axis, where, class_weights, label_smoothing, z_loss, softcap,
-                        reduction, vocab_axis_name, batch_axis_name)  # fmt: skip
+    opts = check_common(
+        logits,
+        axis,
+        where,
+        class_weights,
+        label_smoothing,
+        z_loss,
+        softcap,
+        reduction,
+        vocab_axis_name,
+        batch_axis_name,
+    )
     targets = _checks.check_floating("targets", targets)
     _checks.check_shape("targets", targets, opts["logits"].shape, "It must match `logits`.")
     return _soft_cross_entropy(

@@ -70,7 +70,8 @@ def check_reduction(reduction: Any) -> str:
 def check_shape(name: str, x: Any, expected: tuple[int, ...], hint: str = "") -> None:
     if _shape(x) != tuple(expected):
         raise ValueError(
-            f"`{name}` must have shape {tuple(expected)}, got {_shape(x)}." + (f" {hint}" if hint else "")
+            f"`{name}` must have shape {tuple(expected)}, got {_shape(x)}."
+            + (f" {hint}" if hint else "")
         )
 
 
@@ -151,5 +152,7 @@ def check_axis_name(name: str, value: Any) -> Any:
     try:
         hash(value)
     except TypeError:
-        raise TypeError(f"`{name}` must be a mesh axis name (str) or None, got {value!r}.") from None
+        raise TypeError(
+            f"`{name}` must be a mesh axis name (str) or None, got {value!r}."
+        ) from None
     return value

@@ -20,11 +20,27 @@ def _psum(x, axis_name):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("axis", "where_kind", "temperature", "reduction", "vocab_axis_name",
-                     "batch_axis_name"),
-)  # fmt: skip
-def _kl_divergence(logits, target_logits, where, *, axis, where_kind, temperature, reduction,
-                   vocab_axis_name, batch_axis_name):  # fmt: skip
+    static_argnames=(
+        "axis",
+        "where_kind",
+        "temperature",
+        "reduction",
+        "vocab_axis_name",
+        "batch_axis_name",
+    ),
+)
+def _kl_divergence(
+    logits,
+    target_logits,
+    where,
+    *,
+    axis,
+    where_kind,
+    temperature,
+    reduction,
+    vocab_axis_name,
+    batch_axis_name,
+):
     logit_mask, position_mask = masks_class_last(where, where_kind, logits.shape, axis)
     dtype = compute_dtype(jnp.result_type(logits.dtype, target_logits.dtype))
     xs = jnp.moveaxis(logits, axis, -1).astype(dtype)

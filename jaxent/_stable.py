@@ -103,16 +103,149 @@ class Rows(NamedTuple):
 
 
 def first_argmax(z: jax.Array, keep: jax.Array, offset, vocab_axis_name) -> jax.Array:
-    """Global id of the first largest kept logit of each row, across vocab shards."""
+    """Global id of the first largest kept value of each row, across vocab shards."""
+    best, first = row_max(z, keep, offset)
+    return shard_max(best, first, vocab_axis_name)[1]
+
+
+def row_max(z: jax.Array, keep: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
+    """(max over kept entries, global id of its first occurrence); -inf where none kept."""
     zm = jnp.where(keep, z, -jnp.inf)
-    local_max = jnp.max(zm, axis=-1)
-    first = jnp.argmax(zm, axis=-1) + offset
+    return jnp.max(zm, axis=-1), jnp.argmax(zm, axis=-1) + offset
+
+
+def shard_max(best, first, vocab_axis_name):
+    """Combine `row_max` results across vocab shards: the first shard holding the max wins."""
     if vocab_axis_name is None:
-        return first
-    # The first shard holding the global max owns the answer.
-    first = jnp.where(local_max == lax.pmax(local_max, vocab_axis_name), first,
-                      jnp.iinfo(first.dtype).max)
-    return lax.pmin(first, vocab_axis_name)
+        return best, first
+    top = lax.pmax(best, vocab_axis_name)
+    first = jnp.where(best == top, first, jnp.iinfo(first.dtype).max)
+    return top, lax.pmin(first, vocab_axis_name)
+
+
+def merge_max(best_a, first_a, best_b, first_b):
+    """Combine `row_max` results of two class blocks, block a holding the smaller ids."""
+    take_b = best_b > best_a
+    return jnp.where(take_b, best_b, jnp.maximum(best_a, best_b)), jnp.where(
+        take_b, first_b, first_a
+    )
+
+
+class Partial(NamedTuple):
+    """Additive per-row sums over a block of classes, all taken with one shift m.
+
+    Sums over blocks (or `psum` over vocab shards) give the statistics of the whole
+    row; `finish_rows` turns them into the loss. Optional fields are None when the
+    option that needs them is off.
+
+    s: Σ_keep e^(z-m); z_label: z[y]; label_hits: [label is a kept class of the block];
+    w_label: w[y]; kw_sum: Σ_keep w; below_max: Σ_keep w (m - z); count: Σ keep.
+    """
+
+    s: jax.Array
+    z_label: jax.Array
+    label_hits: jax.Array
+    w_label: jax.Array | None = None
+    kw_sum: jax.Array | None = None
+    below_max: jax.Array | None = None
+    count: jax.Array | None = None
+
+
+def safe_shift(best: jax.Array) -> jax.Array:
+    """The gradient-free shift m: the row max, or 0 for a row with nothing kept."""
+    return lax.stop_gradient(jnp.where(jnp.isneginf(best), 0, best))
+
+
+def block_partial(z, keep, labels, offset, m, class_weights, smoothing: bool) -> Partial:
+    """Partial sums of one block of classes (class axis last, ids offset..offset+C)."""
+    z = jnp.where(keep, z, 0)
+    ids = lax.broadcasted_iota(labels.dtype, (z.shape[-1],), 0) + offset
+    is_label = ids == labels[..., None]
+    dtype = z.dtype
+    w = None if class_weights is None else class_weights.astype(dtype)
+    kw = None
+    if smoothing:
+        kw = keep.astype(dtype) if w is None else jnp.where(keep, w, 0)
+    return Partial(
+        s=jnp.sum(jnp.where(keep, jnp.exp(z - m[..., None]), 0), axis=-1),
+        z_label=jnp.sum(jnp.where(is_label, z, 0), axis=-1),
+        label_hits=jnp.sum(is_label & keep, axis=-1, dtype=dtype),
+        w_label=None if w is None else jnp.sum(jnp.where(is_label, w, 0), axis=-1),
+        kw_sum=None if kw is None else jnp.sum(kw, axis=-1),
+        below_max=None if kw is None else jnp.sum(kw * (m[..., None] - z), axis=-1),
+        count=None if kw is None else jnp.sum(keep, axis=-1, dtype=dtype),
+    )
+
+
+def rescale(p: Partial, m_old: jax.Array, m_new: jax.Array) -> Partial:
+    """Re-express sums taken with shift m_old in terms of shift m_new (online lse)."""
+    below = None if p.below_max is None else p.below_max + (m_new - m_old) * p.kw_sum
+    return p._replace(s=p.s * jnp.exp(m_old - m_new), below_max=below)
+
+
+def psum_partial(p: Partial, vocab_axis_name) -> Partial:
+    return p if vocab_axis_name is None else jax.tree.map(lambda a: lax.psum(a, vocab_axis_name), p)
+
+
+def is_off(option) -> bool:
+    """A static option value of exactly 0.0 switches its term off at trace time."""
+    return isinstance(option, float) and option == 0.0
+
+
+def finish_rows(
+    p: Partial,
+    best,
+    first,
+    labels,
+    num_classes,
+    *,
+    position_mask,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+) -> Rows:
+    """Per-position loss from whole-row statistics (see `categorical_rows`)."""
+    m = safe_shift(best)
+    dtype = p.s.dtype
+    valid = ~jnp.isneginf(best)  # NaN rows count as kept, so NaN propagates
+    if position_mask is not None:
+        valid = valid & position_mask
+    if ignore_index is not None:
+        valid = valid & (labels != ignore_index)
+    # NaN fails `s > 0`; route it through the log so that it propagates.
+    has_mass = (p.s > 0) | jnp.isnan(p.s)
+    lse_all = jnp.where(has_mass, jnp.log(jnp.where(has_mass, p.s, 1)) + m, -jnp.inf)
+    lse = jnp.where(valid, lse_all, 0)  # keeps inf/NaN of dropped rows out of gradients
+    w_label = jnp.ones(labels.shape, dtype) if p.w_label is None else p.w_label
+
+    nll = jnp.where(p.label_hits > 0, lse - p.z_label, jnp.inf)
+    label_coef = (1 - label_smoothing) * w_label
+    loss = jnp.where(label_coef == 0, 0, label_coef * nll)
+    if not is_off(label_smoothing):
+        smooth = ((lse - m) * p.kw_sum + p.below_max) / jnp.maximum(p.count, 1)
+        loss = loss + label_smoothing * smooth
+        # Scheduled (array) ε outside [0, 1] cannot be caught at trace time: NaN, not a wrong loss.
+        loss = jnp.where((label_smoothing >= 0) & (label_smoothing <= 1), loss, jnp.nan)
+    zl = jnp.zeros_like(loss)
+    if not is_off(z_loss):
+        zl = jnp.where(z_loss >= 0, z_loss * w_label * lse**2, jnp.nan)
+        loss = loss + zl
+
+    weight = jnp.where(valid, w_label, 0)
+    in_range = (labels >= 0) & (labels < num_classes)
+    loss = jnp.where(valid, loss, 0)
+    loss = jnp.where(valid & ~in_range, jnp.nan, loss)
+    correct = jnp.where(lax.stop_gradient(first) == labels, weight, 0)
+    return Rows(loss, lse_all, jnp.where(valid, zl, 0), valid, weight, correct)
+
+
+def prepare_logits(logits, logit_mask, softcap):
+    """Upcast, soft-cap, and the mask of kept logits (not -inf, not masked out)."""
+    x = logits.astype(compute_dtype(logits.dtype))
+    keep = x != -jnp.inf
+    if logit_mask is not None:
+        keep = keep & logit_mask
+    return apply_softcap(x, softcap), keep
 
 
 def categorical_rows(
@@ -141,65 +274,33 @@ def categorical_rows(
 
     with C_n the number of kept logits of row n. The smoothing sum is evaluated as
     (lse - m) Σ w + Σ w (m - z), two non-negative terms, so no cancellation even for
-    logits of 1e30.
+    logits of 1e30. Computed in three steps shared with `linear_cross_entropy`:
+    `row_max` (the shift), `block_partial` (additive sums), `finish_rows`.
     """
-    dtype = compute_dtype(logits.dtype)
-    x = logits.astype(dtype)
-    keep = x != -jnp.inf
-    if logit_mask is not None:
-        keep = keep & logit_mask
-    z = apply_softcap(x, softcap)
-    st = stable_exp(z, keep, vocab_axis_name)
-
+    z, keep = prepare_logits(logits, logit_mask, softcap)
     num_local = logits.shape[-1]
     offset = class_offset(num_local, vocab_axis_name)
-    num_classes = num_classes_global(num_local, vocab_axis_name)
-    class_ids = lax.broadcasted_iota(labels.dtype, (num_local,), 0) + offset
-    is_label = class_ids == labels[..., None]
-    label_kept = _psum(jnp.sum(is_label & keep, axis=-1), vocab_axis_name) > 0
-    z_label = _psum(jnp.sum(jnp.where(is_label, st.z, 0), axis=-1), vocab_axis_name)
-
-    in_range = (labels >= 0) & (labels < num_classes)
-    valid = st.any_kept
-    if position_mask is not None:
-        valid = valid & position_mask
-    if ignore_index is not None:
-        valid = valid & (labels != ignore_index)
-
-    if class_weights is None:
-        w_label = jnp.ones(labels.shape, dtype)
-    else:
-        cw = class_weights.astype(dtype)
-        w_label = _psum(jnp.sum(jnp.where(is_label, cw, 0), axis=-1), vocab_axis_name)
-
-    lse = jnp.where(valid, st.lse, 0)  # keeps inf/NaN of dropped rows out of gradients
-    nll = jnp.where(label_kept, lse - z_label, jnp.inf)
-    label_coef = (1 - label_smoothing) * w_label
-    loss = jnp.where(label_coef == 0, 0, label_coef * nll)
-
-    if not (isinstance(label_smoothing, float) and label_smoothing == 0.0):
-        kw = keep if class_weights is None else jnp.where(keep, cw, 0)
-        kw_sum = _psum(jnp.sum(kw, axis=-1, dtype=dtype), vocab_axis_name)
-        below_max = _psum(jnp.sum(kw * (st.m[..., None] - st.z), axis=-1), vocab_axis_name)
-        count = _psum(jnp.sum(keep, axis=-1, dtype=dtype), vocab_axis_name)
-        smooth = ((lse - st.m) * kw_sum + below_max) / jnp.maximum(count, 1)
-        loss = loss + label_smoothing * smooth
-        # Scheduled (array) ε outside [0, 1] cannot be caught at trace time: NaN, not a wrong loss.
-        loss = jnp.where((label_smoothing >= 0) & (label_smoothing <= 1), loss, jnp.nan)
-
-    zl = jnp.zeros_like(loss)
-    if not (isinstance(z_loss, float) and z_loss == 0.0):
-        zl = jnp.where(z_loss >= 0, z_loss * w_label * lse**2, jnp.nan)
-        loss = loss + zl
-
-    weight = jnp.where(valid, w_label, 0)
-    bad_label = valid & ~in_range
-    loss = jnp.where(valid, loss, 0)
-    loss = jnp.where(bad_label, jnp.nan, loss)
-    zl = jnp.where(valid, zl, 0)
-    argmax = lax.stop_gradient(first_argmax(st.z, keep, offset, vocab_axis_name))
-    correct = jnp.where(argmax == labels, weight, 0)
-    return Rows(loss, st.lse, zl, valid, weight, correct)
+    best, first = shard_max(*row_max(z, keep, offset), vocab_axis_name)
+    partial = block_partial(
+        z,
+        keep,
+        labels,
+        offset,
+        safe_shift(best),
+        class_weights,
+        smoothing=not is_off(label_smoothing),
+    )
+    return finish_rows(
+        psum_partial(partial, vocab_axis_name),
+        best,
+        first,
+        labels,
+        num_classes_global(num_local, vocab_axis_name),
+        position_mask=position_mask,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
 
 
 def soft_rows(

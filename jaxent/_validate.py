@@ -8,8 +8,6 @@ when called under tracing (wrap the step in `jax.experimental.checkify.checkify`
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,16 +60,18 @@ def validate(
         checkify.check(
             ~jnp.any(bad),
             f"jaxent.validate: label {{value}} at position {{position}} is outside "
-            f"[0, {num_classes})" + (f" and is not ignore_index={ignore_index}" if ignore_index
-                                     is not None else "") + ".",
+            f"[0, {num_classes})"
+            + (f" and is not ignore_index={ignore_index}" if ignore_index is not None else "")
+            + ".",
             value=labels.ravel()[first],
             position=position,
         )
         return labels
 
     host_labels = np.asarray(labels)
-    bad = _bad_labels(host_labels, num_classes, ignore_index,
-                      None if where is None else np.asarray(where))  # fmt: skip
+    bad = _bad_labels(
+        host_labels, num_classes, ignore_index, None if where is None else np.asarray(where)
+    )
     if bad.any():
         position = tuple(int(i) for i in np.argwhere(bad)[0])
         count = int(bad.sum())

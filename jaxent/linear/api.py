@@ -1,2 +1,299 @@
-def linear_cross_entropy(*args, **kwargs):
-    raise NotImplementedError
+"""`linear_cross_entropy`: argument checks, implementation choice, dispatch."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import _checks
+from .._categorical import aux_from_rows, split_where
+from .._reduce import global_sum, safe_divide
+from . import chunked
+from .reference import linear_cross_entropy_xla
+
+IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
+
+# Bytes of one block of float32 logits (B x V) by backend: small on CPU, where the
+# matmuls are efficient at any block size and memory is what the block costs; large
+# on accelerators, where big blocks keep the matmuls at full speed.
+_BLOCK_BYTES = {"cpu": 16 << 20, "gpu": 1 << 30, "tpu": 256 << 20}
+
+
+def default_block_size(num_tokens: int, vocab: int, backend: str | None = None) -> int:
+    """Tokens per block: the largest power of two whose float32 logits fit the backend's
+    budget, between 8 and 2048, and no larger than needed for `num_tokens`."""
+    backend = backend or jax.default_backend()
+    budget = _BLOCK_BYTES.get(backend, _BLOCK_BYTES["gpu"])
+    block = 8
+    while block < 2048 and 2 * block * vocab * 4 <= budget:
+        block *= 2
+    while block > 8 and block // 2 >= num_tokens:
+        block //= 2
+    return block
+
+
+def _cut(a: jax.Array | None, num_blocks: int, block: int, fill=0) -> jax.Array | None:
+    """(N, ...) -> (num_blocks, block, ...), padding the end with `fill`."""
+    if a is None:
+        return None
+    pad = num_blocks * block - a.shape[0]
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+    return a.reshape((num_blocks, block) + a.shape[1:])
+
+
+def _chunked(
+    x,
+    w,
+    labels,
+    *,
+    bias,
+    logit_mask,
+    position_mask,
+    options,
+    reduction,
+    return_aux,
+    batch_axis_name,
+    block_size,
+):
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    block = block_size or default_block_size(n, w.shape[0])
+    num_blocks = -(-n // block)
+    pmask = jnp.ones(lead, bool) if position_mask is None else position_mask
+    st = chunked.Static(
+        softcap=options["softcap"],
+        ignore_index=options["ignore_index"],
+        label_smoothing=options["label_smoothing"]
+        if isinstance(options["label_smoothing"], float)
+        else None,
+        z_loss=options["z_loss"] if isinstance(options["z_loss"], float) else None,
+        vocab_axis_name=options["vocab_axis_name"],
+    )
+    ops = chunked.Operands(
+        x=_cut(x.reshape(n, x.shape[-1]), num_blocks, block),
+        w=w,
+        bias=bias,
+        labels=_cut(labels.reshape(n), num_blocks, block),
+        position_mask=_cut(pmask.reshape(n), num_blocks, block, fill=False),
+        logit_mask=_cut(
+            None if logit_mask is None else logit_mask.reshape(n, -1), num_blocks, block, fill=False
+        ),
+        class_weights=options["class_weights"],
+        ls=None if st.label_smoothing is not None else options["label_smoothing"],
+        zl=None if st.z_loss is not None else options["z_loss"],
+    )
+
+    def unblock(a):
+        return a.reshape(-1)[:n].reshape(lead)
+
+    if reduction == "none":
+        rows = jax.tree.map(unblock, chunked.token_rows(st, ops))
+        loss = rows.loss
+    else:
+        total, rows = chunked.token_sum(st, ops)
+        rows = jax.tree.map(unblock, rows)
+        total = total if batch_axis_name is None else lax.psum(total, batch_axis_name)
+        loss = total
+        if reduction == "mean":
+            loss = safe_divide(total, lax.stop_gradient(global_sum(rows.weight, batch_axis_name)))
+    if not return_aux:
+        return loss
+    rows = jax.tree.map(lax.stop_gradient, rows)
+    z_loss = rows.z_loss if reduction == "none" else global_sum(rows.z_loss, batch_axis_name)
+    if reduction == "mean":
+        z_loss = safe_divide(z_loss, global_sum(rows.weight, batch_axis_name))
+    return loss, aux_from_rows(rows, z_loss, batch_axis_name)
+
+
+def _pallas(*args, **kwargs):
+    raise NotImplementedError(
+        "jaxent has no Pallas kernel for linear_cross_entropy yet; use implementation="
+        "'chunked' (or None, which falls back to it)."
+    )
+
+
+_IMPLS = {"xla": linear_cross_entropy_xla, "chunked": _chunked, "pallas": _pallas}
+_ORDER = ("pallas", "chunked")  # what None tries, best first
+
+_STATIC = (
+    "implementation",
+    "block_size",
+    "where_kind",
+    "reduction",
+    "return_aux",
+    "softcap",
+    "ignore_index",
+    "ls_static",
+    "zl_static",
+    "vocab_axis_name",
+    "batch_axis_name",
+)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _linear_cross_entropy(
+    x,
+    w,
+    labels,
+    bias,
+    where,
+    class_weights,
+    ls,
+    zl,
+    *,
+    implementation,
+    block_size,
+    where_kind,
+    reduction,
+    return_aux,
+    softcap,
+    ignore_index,
+    ls_static,
+    zl_static,
+    vocab_axis_name,
+    batch_axis_name,
+):
+    logit_mask = where if where_kind == "logits" else None
+    position_mask = where if where_kind == "positions" else None
+    if logit_mask is not None:
+        logit_mask = jnp.broadcast_to(logit_mask, x.shape[:-1] + (w.shape[0],))
+    if position_mask is not None:
+        position_mask = jnp.broadcast_to(position_mask, x.shape[:-1])
+    options = dict(
+        ignore_index=ignore_index,
+        class_weights=class_weights,
+        softcap=softcap,
+        label_smoothing=ls_static if ls is None else ls,
+        z_loss=zl_static if zl is None else zl,
+        vocab_axis_name=vocab_axis_name,
+    )
+    kwargs = dict(
+        bias=bias,
+        logit_mask=logit_mask,
+        position_mask=position_mask,
+        options=options,
+        reduction=reduction,
+        return_aux=return_aux,
+        batch_axis_name=batch_axis_name,
+    )
+    if implementation == "chunked":
+        kwargs["block_size"] = block_size
+    if implementation is not None:
+        return _IMPLS[implementation](x, w, labels, **kwargs)
+    for name in _ORDER:
+        try:
+            if name == "chunked":
+                kwargs["block_size"] = block_size
+            return _IMPLS[name](x, w, labels, **kwargs)
+        except NotImplementedError:
+            continue
+    raise AssertionError("unreachable: 'chunked' serves every call")
+
+
+def linear_cross_entropy(
+    x: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    where: jax.Array | None = None,
+    ignore_index: int | None = None,
+    class_weights: jax.Array | None = None,
+    label_smoothing: float | jax.Array = 0.0,
+    z_loss: float | jax.Array = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    return_aux: bool = False,
+    implementation: str | None = None,
+    block_size: int | None = None,
+    vocab_axis_name: Any = None,
+    batch_axis_name: Any = None,
+):
+    r"""Fused output projection and cross-entropy: `cross_entropy(x @ w.T + bias, labels)`.
+
+    .. math:: \mathrm{logits}_{n,v} = \textstyle\sum_d x_{n,d} w_{v,d} + b_v
+
+    then every option exactly as in `cross_entropy` (class axis last), without ever
+    holding the (N, V) logits or their gradient, except with implementation="xla".
+
+    Args:
+      x: (..., D) hidden states, floating.
+      w: (V, D) output embedding — the layout of an embedding table and of
+        `torch.nn.Linear.weight`; pass a Flax `Dense` kernel (D, V) as `kernel.T`
+        (free under jit).
+      labels: integer class ids, `x.shape[:-1]`.
+      bias: (V,) or None.
+      where: bool, `x.shape[:-1]` (drops positions) or `x.shape[:-1] + (V,)` (drops
+        logits).
+      ignore_index, class_weights, label_smoothing, z_loss, softcap, reduction,
+      return_aux, vocab_axis_name, batch_axis_name: as in `cross_entropy`. With
+        `vocab_axis_name`, `w`, `bias` and `class_weights` hold this shard's rows.
+      implementation: None (best available: "pallas", then "chunked"), "xla" (the
+        materialised reference), "chunked" (pure JAX, token blocks, `custom_vjp`),
+        "pallas" (not available yet: raises NotImplementedError).
+      block_size: tokens per block for "chunked"; default from the backend and V
+        (`default_block_size`).
+
+    Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32),
+    not to `class_weights` or the scalar options. The matmuls run in the inputs'
+    dtype with float32 accumulation. aux carries no gradient.
+
+    Memory ("chunked"): one block of float32 logits and its gradient, plus a float32
+    dw accumulator (V x D) when differentiating with reduction "sum"/"mean" (the
+    logit gradient is formed in the forward pass: 3 matmuls); reduction "none"
+    recomputes each block's logits in the backward pass (4 matmuls).
+    """
+    x = _checks.check_floating("x", x)
+    w = _checks.check_floating("w", w)
+    if x.ndim < 1:
+        raise ValueError("`x` must have shape (..., D), got a scalar.")
+    if w.ndim != 2 or w.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"`w` must have shape (V, D) with D = x.shape[-1] = {x.shape[-1]}, got {w.shape}. "
+            "A Flax Dense kernel of shape (D, V) is passed as `kernel.T`."
+        )
+    vocab = w.shape[0]
+    positions = x.shape[:-1]
+    labels = _checks.check_integer("labels", labels)
+    _checks.check_shape("labels", labels, positions, "It must be `x.shape[:-1]`.")
+    if bias is not None:
+        bias = _checks.check_floating("bias", bias)
+        _checks.check_shape("bias", bias, (vocab,), "It holds one value per row of `w`.")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
+        )
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise ValueError(f"`block_size` must be a positive int or None, got {block_size!r}.")
+    ls_static, ls = _checks.check_scalar_option(
+        "label_smoothing", label_smoothing, low=0.0, high=1.0
+    )
+    zl_static, zl = _checks.check_scalar_option("z_loss", z_loss, low=0.0)
+    return _linear_cross_entropy(
+        x,
+        w,
+        labels,
+        bias,
+        None if where is None else jnp.asarray(where),
+        _checks.check_class_weights(class_weights, vocab),
+        ls,
+        zl,
+        implementation=implementation,
+        block_size=block_size,
+        where_kind=split_where(where, positions + (vocab,), positions, len(positions)),
+        reduction=_checks.check_reduction(reduction),
+        return_aux=bool(return_aux),
+        softcap=_checks.check_positive_or_none("softcap", softcap),
+        ignore_index=_checks.check_ignore_index(ignore_index),
+        ls_static=ls_static,
+        zl_static=zl_static,
+        vocab_axis_name=_checks.check_axis_name("vocab_axis_name", vocab_axis_name),
+        batch_axis_name=_checks.check_axis_name("batch_axis_name", batch_axis_name),
+    )

@@ -1,0 +1,192 @@
+"""Pure-JAX fused `linear_cross_entropy` over blocks of tokens.
+
+The N tokens are cut into blocks of B (padded; padding is a dropped position). For
+each block the (B, V) logits are formed with one matmul, turned into per-position
+losses by `_stable.categorical_rows` (the same code as `cross_entropy`), and
+discarded, so memory holds one block of logits, never (N, V).
+
+Two gradient schemes, both `jax.custom_vjp`:
+
+- `token_sum` (reductions "sum"/"mean": the cotangent of every position is the same
+  scalar). The forward pass also forms each block's logit gradient and consumes it
+  at once: dx_block = dlogits @ w, dw += dlogits.T @ x_block (float32 accumulator).
+  Three matmuls in all and no recompute; the backward only scales the saved dx, dw.
+- `token_rows` (reduction "none": arbitrary per-position cotangents). The forward
+  keeps nothing but its inputs; the backward recomputes each block's logits (a
+  fourth matmul) and applies the cotangent.
+
+A call without differentiation runs only the forward scan (no gradient work).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._stable import Rows, categorical_rows
+from .reference import project
+
+
+class Static(NamedTuple):
+    """Hashable, trace-time options of one call."""
+
+    softcap: float | None
+    ignore_index: int | None
+    label_smoothing: float | None  # None: the value is the array argument `ls`
+    z_loss: float | None
+    vocab_axis_name: object
+
+
+class Operands(NamedTuple):
+    """Arrays of one call, positions cut into blocks: x (nb, B, D), labels and
+    position_mask (nb, B), logit_mask (nb, B, V) or None; w (V, D); bias, class_weights
+    (V,) or None; ls, z_loss scalar arrays or None (then static)."""
+
+    x: jax.Array
+    w: jax.Array
+    bias: jax.Array | None
+    labels: jax.Array
+    position_mask: jax.Array
+    logit_mask: jax.Array | None
+    class_weights: jax.Array | None
+    ls: jax.Array | None
+    zl: jax.Array | None
+
+
+def _pick(static_value, array_value):
+    return static_value if array_value is None else array_value
+
+
+def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask) -> Rows:
+    return categorical_rows(
+        logits,
+        labels,
+        logit_mask=logit_mask,
+        position_mask=position_mask,
+        ignore_index=st.ignore_index,
+        class_weights=ops.class_weights,
+        label_smoothing=_pick(st.label_smoothing, ops.ls),
+        z_loss=_pick(st.z_loss, ops.zl),
+        softcap=st.softcap,
+        vocab_axis_name=st.vocab_axis_name,
+    )
+
+
+def _blocks(ops: Operands):
+    """What `lax.scan` iterates over: one block of positions at a time."""
+    return ops.x, ops.labels, ops.position_mask, ops.logit_mask
+
+
+def _forward(st: Static, ops: Operands) -> Rows:
+    def step(carry, block):
+        xb, labels, pmask, lmask = block
+        return carry, _rows(st, ops, project(xb, ops.w, ops.bias), labels, pmask, lmask)
+
+    return lax.scan(step, None, _blocks(ops))[1]
+
+
+def _logit_grad_to_params(st: Static, ops: Operands, xb, dlogits, acc):
+    """dx_block = dlogits @ w and the block's dw, db contributions added to `acc`.
+
+    The matmuls are fed in the inputs' dtype and accumulate in float32; dx leaves in
+    x's dtype. With a split vocabulary each shard holds a partial dx: sum it.
+    """
+    dw, db = acc
+    dl = dlogits.astype(jnp.result_type(ops.x.dtype, ops.w.dtype))
+    dx = jnp.dot(dl, ops.w, preferred_element_type=dw.dtype)
+    if st.vocab_axis_name is not None:
+        dx = lax.psum(dx, st.vocab_axis_name)
+    dw = dw + lax.dot_general(dl, xb, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
+    db = None if db is None else db + jnp.sum(dlogits, axis=0, dtype=db.dtype)
+    return dx.astype(ops.x.dtype), (dw, db)
+
+
+def _zero_acc(ops: Operands):
+    acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
+    db = None if ops.bias is None else jnp.zeros(ops.bias.shape, acc)
+    return jnp.zeros(ops.w.shape, acc), db
+
+
+def _param_cotangents(ops: Operands, dx, acc, scale=1.0):
+    """Cotangents for every field of `Operands` (None for the non-differentiable ones)."""
+    dw, db = acc
+    return Operands(
+        x=(dx * scale).astype(ops.x.dtype),
+        w=(dw * scale).astype(ops.w.dtype),
+        bias=None if db is None else (db * scale).astype(ops.bias.dtype),
+        labels=None,
+        position_mask=None,
+        logit_mask=None,
+        class_weights=None,
+        ls=None,
+        zl=None,
+    )
+
+
+# --- reduction "sum" / "mean": gradient formed in the forward pass -------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def token_sum(st: Static, ops: Operands) -> tuple[jax.Array, Rows]:
+    """(Σ_n l_n, per-position rows). The rows carry no gradient."""
+    rows = _forward(st, ops)
+    return jnp.sum(rows.loss), rows
+
+
+def _token_sum_fwd(st: Static, ops: Operands):
+    def step(acc, block):
+        xb, labels, pmask, lmask = block
+        logits = project(xb, ops.w, ops.bias)
+
+        def block_total(lg):
+            rows = _rows(st, ops, lg, labels, pmask, lmask)
+            return jnp.sum(rows.loss), rows
+
+        (_, rows), dlogits = jax.value_and_grad(block_total, has_aux=True)(logits)
+        dx, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
+        return acc, (rows, dx)
+
+    acc, (rows, dx) = lax.scan(step, _zero_acc(ops), _blocks(ops))
+    return (jnp.sum(rows.loss), rows), (ops, dx, acc)
+
+
+def _token_sum_bwd(st: Static, residuals, cotangents):
+    ops, dx, acc = residuals
+    g_total, _ = cotangents  # rows are auxiliary outputs: their cotangents are ignored
+    return (_param_cotangents(ops, dx, acc, g_total),)
+
+
+token_sum.defvjp(_token_sum_fwd, _token_sum_bwd)
+
+
+# --- reduction "none": recompute in the backward pass --------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def token_rows(st: Static, ops: Operands) -> Rows:
+    """Per-position rows; only `loss` carries a gradient."""
+    return _forward(st, ops)
+
+
+def _token_rows_fwd(st: Static, ops: Operands):
+    return _forward(st, ops), ops
+
+
+def _token_rows_bwd(st: Static, ops: Operands, cotangents: Rows):
+    def step(acc, block):
+        (xb, labels, pmask, lmask), g = block
+        logits = project(xb, ops.w, ops.bias)
+        _, vjp = jax.vjp(lambda lg: _rows(st, ops, lg, labels, pmask, lmask).loss, logits)
+        (dlogits,) = vjp(g.astype(logits.dtype))
+        dx, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
+        return acc, dx
+
+    acc, dx = lax.scan(step, _zero_acc(ops), (_blocks(ops), cotangents.loss))
+    return (_param_cotangents(ops, dx, acc),)
+
+
+token_rows.defvjp(_token_rows_fwd, _token_rows_bwd)
