@@ -138,6 +138,7 @@ def _cross_entropy(
         z_loss=resolve(z_loss_static, z_loss),
         softcap=softcap,
         vocab_axis_name=vocab_axis_name,
+        with_argmax=return_aux,
     )
     return finish(rows, reduction, return_aux, batch_axis_name)
 
@@ -303,6 +304,7 @@ def _soft_cross_entropy(
         z_loss=resolve(z_loss_static, z_loss),
         softcap=softcap,
         vocab_axis_name=vocab_axis_name,
+        with_argmax=return_aux,
     )
     return finish(rows, reduction, return_aux, batch_axis_name)
 

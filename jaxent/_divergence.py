@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from . import _checks
 from ._categorical import masks_class_last, split_where
 from ._reduce import reduce_loss
-from ._stable import compute_dtype, stable_exp
+from ._stable import compute_dtype, kept, prepare_logits, stable_exp
 
 
 def _psum(x, axis_name):
@@ -43,23 +43,25 @@ def _kl_divergence(
 ):
     logit_mask, position_mask = masks_class_last(where, where_kind, logits.shape, axis)
     dtype = compute_dtype(jnp.result_type(logits.dtype, target_logits.dtype))
-    xs = jnp.moveaxis(logits, axis, -1).astype(dtype)
-    xt = jnp.moveaxis(target_logits, axis, -1).astype(dtype)
-    keep_s, keep_t = xs != -jnp.inf, xt != -jnp.inf
-    if logit_mask is not None:
-        keep_s, keep_t = keep_s & logit_mask, keep_t & logit_mask
-    student = stable_exp(xs / temperature, keep_s, vocab_axis_name)
-    teacher = stable_exp(xt / temperature, keep_t, vocab_axis_name)
+    zs = prepare_logits(
+        jnp.moveaxis(logits, axis, -1).astype(dtype) / temperature, logit_mask, None
+    )
+    zt = prepare_logits(
+        jnp.moveaxis(target_logits, axis, -1).astype(dtype) / temperature, logit_mask, None
+    )
+    student = stable_exp(zs, vocab_axis_name)
+    teacher = stable_exp(zt, vocab_axis_name)
+    keep_t = kept(zt)
 
     valid = teacher.any_kept if position_mask is None else teacher.any_kept & position_mask
     lse_s = jnp.where(valid, student.lse, 0)[..., None]
     lse_t = jnp.where(valid, teacher.lse, 0)[..., None]
     p_t = teacher.e / jnp.where(valid, teacher.s, 1)[..., None]
     # Each term p_t (log p_t - log p_s) directly: no cancellation between large sums.
-    terms = jnp.where(keep_t, p_t * ((teacher.z - lse_t) - (student.z - lse_s)), 0)
+    terms = jnp.where(keep_t & kept(zs), p_t * ((zt - lse_t) - (zs - lse_s)), 0)
     kl = _psum(jnp.sum(terms, axis=-1), vocab_axis_name)
     # Teacher mass on a logit the student cannot produce: the divergence is infinite.
-    unreachable = _psum(jnp.sum(keep_t & ~keep_s, axis=-1), vocab_axis_name) > 0
+    unreachable = _psum(jnp.sum(keep_t & ~kept(zs), axis=-1), vocab_axis_name) > 0
     kl = jnp.where(unreachable, jnp.inf, kl) * temperature**2
     kl = jnp.where(valid, kl, 0)
     return reduce_loss(kl, valid.astype(dtype), reduction, batch_axis_name)

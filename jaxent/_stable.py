@@ -6,8 +6,10 @@ losses (`_categorical.py`) and every implementation of `linear_cross_entropy`
 construction.
 
 Conventions: the class axis is the last one; arithmetic is in float32 (float64 for
-float64 input); a logit takes part only if `keep` is True, where `keep` excludes
-`-inf` logits and logits masked by a logits-shaped `where`. When the class axis is
+float64 input); a dropped logit (a `-inf` logit, or one masked by a logits-shaped
+`where`) is represented by z = -inf after `prepare_logits`, so exp, max and argmax
+skip it with no extra masking pass over the logits (the common unmasked case costs
+what a plain log-softmax costs). When the class axis is
 split over a mesh axis (`vocab_axis_name`), only per-position numbers cross devices:
 the max, the sum of exponentials, the label logit and a few sums.
 """
@@ -48,42 +50,59 @@ def num_classes_global(num_local: int, axis_name) -> int:
     return num_local if axis_name is None else num_local * lax.axis_size(axis_name)
 
 
-class Stable(NamedTuple):
-    """Shifted, masked exponentials of one block of logits.
+def prepare_logits(logits: jax.Array, logit_mask: jax.Array | None, softcap: float | None):
+    """Upcast and soft-cap; dropped logits (-inf or masked out) become -inf.
 
-    z: (..., C) logits with dropped entries set to 0 (so no inf/NaN from a masked
-       entry can reach a gradient); m: (...,) row max over kept logits, a
-       gradient-free shift (0 when no logit is kept); lse: (...,) log-sum-exp over
-       kept logits, -inf where none is kept; e: (..., C) exp(z - m) on kept logits,
-       0 elsewhere; s: (...,) Σ e; any_kept: (...,) whether the row keeps a logit.
+    A masked-out logit is replaced before the soft-cap, so a NaN or inf under a False
+    mask reaches neither the loss nor the gradient.
+    """
+    x = logits.astype(compute_dtype(logits.dtype))
+    if softcap is None and logit_mask is None:
+        return x
+    keep = x != -jnp.inf
+    if logit_mask is not None:
+        keep = keep & logit_mask
+    if softcap is not None:
+        x = apply_softcap(jnp.where(keep, x, 0), softcap)  # tanh(-inf) would be finite
+    return jnp.where(keep, x, -jnp.inf)
+
+
+def kept(z: jax.Array) -> jax.Array:
+    return z != -jnp.inf
+
+
+def lse_from_sum(s: jax.Array, m: jax.Array) -> jax.Array:
+    """m + log s; -inf where s == 0 (no kept logit), with a clean zero gradient there.
+
+    NaN fails `s > 0`, so it is routed through the log and propagates.
+    """
+    has_mass = (s > 0) | jnp.isnan(s)
+    return jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)) + m, -jnp.inf)
+
+
+class Stable(NamedTuple):
+    """Log-sum-exp pieces of prepared logits z (dropped entries -inf), class axis last.
+
+    m: (...,) gradient-free shift (the row max, 0 for a row with nothing kept);
+    any_kept: (...,) whether the row keeps a logit (True for NaN rows, so NaN
+    propagates); e: (..., C) exp(z - m); s: Σ e; lse: (...,) m + log s (-inf when
+    nothing is kept).
     """
 
-    z: jax.Array
     m: jax.Array
-    lse: jax.Array
+    any_kept: jax.Array
     e: jax.Array
     s: jax.Array
-    any_kept: jax.Array
+    lse: jax.Array
 
 
-def stable_exp(z: jax.Array, keep: jax.Array, vocab_axis_name=None) -> Stable:
-    """Row max, exponentials and log-sum-exp of `z` over the kept entries.
-
-    lse_n = m_n + log Σ_c keep[n,c] exp(z[n,c] - m_n),  m_n = max_c {z[n,c] : keep}.
-    NaN logits propagate to lse; a row with no kept logit gets lse = -inf and a zero
-    gradient.
-    """
-    z = jnp.where(keep, z, 0)
-    m = _pmax(jnp.max(jnp.where(keep, z, -jnp.inf), axis=-1), vocab_axis_name)
-    any_kept = ~jnp.isneginf(m)  # NaN rows count as kept, so NaN propagates
-    # The shift cancels in lse; stopping its gradient keeps d lse/dz = softmax exactly.
-    m = lax.stop_gradient(jnp.where(jnp.isneginf(m), 0, m))
-    e = jnp.where(keep, jnp.exp(z - m[..., None]), 0)
+def stable_exp(z: jax.Array, vocab_axis_name=None) -> Stable:
+    """lse_n = m_n + log Σ_c exp(z[n,c] - m_n), m_n = max_c z[n,c], across vocab shards."""
+    best = _pmax(jnp.max(z, axis=-1), vocab_axis_name)
+    m = safe_shift(best)
+    e = jnp.exp(z - m[..., None])
     s = _psum(jnp.sum(e, axis=-1), vocab_axis_name)
-    # NaN fails `s > 0`; route it through the log so that it propagates.
-    has_mass = (s > 0) | jnp.isnan(s)
-    lse = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)) + m, -jnp.inf)
-    return Stable(z, m, lse, e, s, any_kept)
+    return Stable(m, ~jnp.isneginf(best), e, s, lse_from_sum(s, m))
 
 
 class Rows(NamedTuple):
@@ -102,16 +121,16 @@ class Rows(NamedTuple):
     correct: jax.Array
 
 
-def first_argmax(z: jax.Array, keep: jax.Array, offset, vocab_axis_name) -> jax.Array:
-    """Global id of the first largest kept value of each row, across vocab shards."""
-    best, first = row_max(z, keep, offset)
-    return shard_max(best, first, vocab_axis_name)[1]
+def first_argmax(z: jax.Array, offset, vocab_axis_name) -> jax.Array:
+    """Global id of the first largest value of each row, across vocab shards."""
+    return shard_max(*row_max(z, offset), vocab_axis_name)[1]
 
 
-def row_max(z: jax.Array, keep: jax.Array, offset) -> tuple[jax.Array, jax.Array]:
-    """(max over kept entries, global id of its first occurrence); -inf where none kept."""
-    zm = jnp.where(keep, z, -jnp.inf)
-    return jnp.max(zm, axis=-1), jnp.argmax(zm, axis=-1) + offset
+def row_max(z: jax.Array, offset, with_argmax: bool = True):
+    """(row max, global id of its first occurrence or None); -inf where nothing is kept.
+    The argmax is a second reduction: skip it unless accuracy is wanted."""
+    first = jnp.argmax(z, axis=-1) + offset if with_argmax else None
+    return jnp.max(z, axis=-1), first
 
 
 def shard_max(best, first, vocab_axis_name):
@@ -119,16 +138,10 @@ def shard_max(best, first, vocab_axis_name):
     if vocab_axis_name is None:
         return best, first
     top = lax.pmax(best, vocab_axis_name)
+    if first is None:
+        return top, None
     first = jnp.where(best == top, first, jnp.iinfo(first.dtype).max)
     return top, lax.pmin(first, vocab_axis_name)
-
-
-def merge_max(best_a, first_a, best_b, first_b):
-    """Combine `row_max` results of two class blocks, block a holding the smaller ids."""
-    take_b = best_b > best_a
-    return jnp.where(take_b, best_b, jnp.maximum(best_a, best_b)), jnp.where(
-        take_b, first_b, first_a
-    )
 
 
 class Partial(NamedTuple):
@@ -156,23 +169,30 @@ def safe_shift(best: jax.Array) -> jax.Array:
     return lax.stop_gradient(jnp.where(jnp.isneginf(best), 0, best))
 
 
-def block_partial(z, keep, labels, offset, m, class_weights, smoothing: bool) -> Partial:
-    """Partial sums of one block of classes (class axis last, ids offset..offset+C)."""
-    z = jnp.where(keep, z, 0)
-    ids = lax.broadcasted_iota(labels.dtype, (z.shape[-1],), 0) + offset
-    is_label = ids == labels[..., None]
+def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Partial:
+    """Partial sums of one block of prepared logits (class ids offset..offset+C).
+
+    The label's logit and weight are gathered (O(N)), not found by comparing every
+    class id with the label (O(N·C)); a label outside the block contributes 0.
+    """
     dtype = z.dtype
+    local = labels - offset
+    in_block = (local >= 0) & (local < z.shape[-1])
+    local = jnp.clip(local, 0, z.shape[-1] - 1)
+    z_label = jnp.take_along_axis(z, local[..., None], axis=-1)[..., 0]
+    hit = in_block & kept(z_label)
     w = None if class_weights is None else class_weights.astype(dtype)
     kw = None
     if smoothing:
+        keep = kept(z)
         kw = keep.astype(dtype) if w is None else jnp.where(keep, w, 0)
     return Partial(
-        s=jnp.sum(jnp.where(keep, jnp.exp(z - m[..., None]), 0), axis=-1),
-        z_label=jnp.sum(jnp.where(is_label, z, 0), axis=-1),
-        label_hits=jnp.sum(is_label & keep, axis=-1, dtype=dtype),
-        w_label=None if w is None else jnp.sum(jnp.where(is_label, w, 0), axis=-1),
+        s=jnp.sum(jnp.exp(z - m[..., None]), axis=-1),
+        z_label=jnp.where(hit, z_label, 0),
+        label_hits=hit.astype(dtype),
+        w_label=None if w is None else jnp.where(in_block, w[local], 0),
         kw_sum=None if kw is None else jnp.sum(kw, axis=-1),
-        below_max=None if kw is None else jnp.sum(kw * (m[..., None] - z), axis=-1),
+        below_max=None if kw is None else jnp.sum(jnp.where(keep, kw * (m[..., None] - z), 0), -1),
         count=None if kw is None else jnp.sum(keep, axis=-1, dtype=dtype),
     )
 
@@ -212,9 +232,7 @@ def finish_rows(
         valid = valid & position_mask
     if ignore_index is not None:
         valid = valid & (labels != ignore_index)
-    # NaN fails `s > 0`; route it through the log so that it propagates.
-    has_mass = (p.s > 0) | jnp.isnan(p.s)
-    lse_all = jnp.where(has_mass, jnp.log(jnp.where(has_mass, p.s, 1)) + m, -jnp.inf)
+    lse_all = lse_from_sum(p.s, m)
     lse = jnp.where(valid, lse_all, 0)  # keeps inf/NaN of dropped rows out of gradients
     w_label = jnp.ones(labels.shape, dtype) if p.w_label is None else p.w_label
 
@@ -235,17 +253,8 @@ def finish_rows(
     in_range = (labels >= 0) & (labels < num_classes)
     loss = jnp.where(valid, loss, 0)
     loss = jnp.where(valid & ~in_range, jnp.nan, loss)
-    correct = jnp.where(lax.stop_gradient(first) == labels, weight, 0)
+    correct = None if first is None else jnp.where(lax.stop_gradient(first) == labels, weight, 0)
     return Rows(loss, lse_all, jnp.where(valid, zl, 0), valid, weight, correct)
-
-
-def prepare_logits(logits, logit_mask, softcap):
-    """Upcast, soft-cap, and the mask of kept logits (not -inf, not masked out)."""
-    x = logits.astype(compute_dtype(logits.dtype))
-    keep = x != -jnp.inf
-    if logit_mask is not None:
-        keep = keep & logit_mask
-    return apply_softcap(x, softcap), keep
 
 
 def categorical_rows(
@@ -260,6 +269,7 @@ def categorical_rows(
     z_loss: float | jax.Array = 0.0,
     softcap: float | None = None,
     vocab_axis_name=None,
+    with_argmax: bool = True,
 ) -> Rows:
     """Per-position cross-entropy with integer labels (SPEC §1), class axis last.
 
@@ -277,13 +287,12 @@ def categorical_rows(
     logits of 1e30. Computed in three steps shared with `linear_cross_entropy`:
     `row_max` (the shift), `block_partial` (additive sums), `finish_rows`.
     """
-    z, keep = prepare_logits(logits, logit_mask, softcap)
+    z = prepare_logits(logits, logit_mask, softcap)
     num_local = logits.shape[-1]
     offset = class_offset(num_local, vocab_axis_name)
-    best, first = shard_max(*row_max(z, keep, offset), vocab_axis_name)
+    best, first = shard_max(*row_max(z, offset, with_argmax), vocab_axis_name)
     partial = block_partial(
         z,
-        keep,
         labels,
         offset,
         safe_shift(best),
@@ -314,6 +323,7 @@ def soft_rows(
     z_loss: float | jax.Array = 0.0,
     softcap: float | None = None,
     vocab_axis_name=None,
+    with_argmax: bool = True,
 ) -> Rows:
     """Per-position cross-entropy with probability targets (SPEC §2), class axis last.
 
@@ -326,15 +336,13 @@ def soft_rows(
     non-zero target makes the loss +inf. `weight` is v_n (mean over valid positions)
     and `correct` is [argmax z == argmax t].
     """
-    dtype = compute_dtype(logits.dtype)
-    x = logits.astype(dtype)
-    keep = x != -jnp.inf
-    if logit_mask is not None:
-        keep = keep & logit_mask
-    st = stable_exp(apply_softcap(x, softcap), keep, vocab_axis_name)
+    z = prepare_logits(logits, logit_mask, softcap)
+    dtype = z.dtype
+    keep = kept(z)
+    st = stable_exp(z, vocab_axis_name)
 
     t = targets.astype(dtype)
-    smoothing_on = not (isinstance(label_smoothing, float) and label_smoothing == 0.0)
+    smoothing_on = not is_off(label_smoothing)
     if smoothing_on:
         count = _psum(jnp.sum(keep, axis=-1, dtype=dtype), vocab_axis_name)
         share = label_smoothing / jnp.maximum(count, 1)
@@ -346,20 +354,24 @@ def soft_rows(
     valid = st.any_kept if position_mask is None else st.any_kept & position_mask
     lse = jnp.where(valid, st.lse, 0)
     kwt_sum = _psum(jnp.sum(kwt, axis=-1), vocab_axis_name)
-    below_max = _psum(jnp.sum(kwt * (st.m[..., None] - st.z), axis=-1), vocab_axis_name)
+    below = jnp.where(keep, kwt * (st.m[..., None] - z), 0)
+    below_max = _psum(jnp.sum(below, axis=-1), vocab_axis_name)
     loss = jnp.where(lost_mass, jnp.inf, (lse - st.m) * kwt_sum + below_max)
     if smoothing_on:
         loss = jnp.where((label_smoothing >= 0) & (label_smoothing <= 1), loss, jnp.nan)
 
     zl = jnp.zeros_like(loss)
-    if not (isinstance(z_loss, float) and z_loss == 0.0):
+    if not is_off(z_loss):
         zl = jnp.where(z_loss >= 0, z_loss * lse**2, jnp.nan)
         loss = loss + zl
 
     weight = valid.astype(dtype)
-    offset = class_offset(logits.shape[-1], vocab_axis_name)
-    same = first_argmax(st.z, keep, offset, vocab_axis_name) == first_argmax(
-        targets.astype(dtype), keep, offset, vocab_axis_name
-    )
-    correct = jnp.where(lax.stop_gradient(same), weight, 0)
+    correct = None
+    if with_argmax:
+        offset = class_offset(logits.shape[-1], vocab_axis_name)
+        target_top = jnp.where(keep, targets.astype(dtype), -jnp.inf)
+        same = first_argmax(z, offset, vocab_axis_name) == first_argmax(
+            target_top, offset, vocab_axis_name
+        )
+        correct = jnp.where(lax.stop_gradient(same), weight, 0)
     return Rows(jnp.where(valid, loss, 0), st.lse, jnp.where(valid, zl, 0), valid, weight, correct)

@@ -73,6 +73,7 @@ def _chunked(
         else None,
         z_loss=options["z_loss"] if isinstance(options["z_loss"], float) else None,
         vocab_axis_name=options["vocab_axis_name"],
+        with_argmax=return_aux,
     )
     ops = chunked.Operands(
         x=_cut(x.reshape(n, x.shape[-1]), num_blocks, block),

@@ -39,6 +39,7 @@ class Static(NamedTuple):
     label_smoothing: float | None  # None: the value is the array argument `ls`
     z_loss: float | None
     vocab_axis_name: object
+    with_argmax: bool  # only for aux.accuracy
 
 
 class Operands(NamedTuple):
@@ -73,6 +74,7 @@ def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask) 
         z_loss=_pick(st.z_loss, ops.zl),
         softcap=st.softcap,
         vocab_axis_name=st.vocab_axis_name,
+        with_argmax=st.with_argmax,
     )
 
 

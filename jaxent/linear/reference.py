@@ -40,6 +40,11 @@ def linear_cross_entropy_xla(
 ):
     """`cross_entropy(x @ w.T + bias, labels, ...)` with the logits materialised."""
     rows = categorical_rows(
-        project(x, w, bias), labels, logit_mask=logit_mask, position_mask=position_mask, **options
+        project(x, w, bias),
+        labels,
+        logit_mask=logit_mask,
+        position_mask=position_mask,
+        with_argmax=return_aux,
+        **options,
     )
     return finish(rows, reduction, return_aux, batch_axis_name)
