@@ -98,7 +98,7 @@ class Stable(NamedTuple):
 
 def stable_exp(z: jax.Array, vocab_axis_name=None) -> Stable:
     """lse_n = m_n + log Σ_c exp(z[n,c] - m_n), m_n = max_c z[n,c], across vocab shards."""
-    best = _pmax(jnp.max(z, axis=-1), vocab_axis_name)
+    best = _pmax(lax.stop_gradient(jnp.max(z, axis=-1)), vocab_axis_name)
     m = safe_shift(best)
     e = jnp.exp(z - m[..., None])
     s = _psum(jnp.sum(e, axis=-1), vocab_axis_name)
@@ -137,6 +137,7 @@ def shard_max(best, first, vocab_axis_name):
     """Combine `row_max` results across vocab shards: the first shard holding the max wins."""
     if vocab_axis_name is None:
         return best, first
+    best = lax.stop_gradient(best)  # a shift only; pmax has no derivative rule
     top = lax.pmax(best, vocab_axis_name)
     if first is None:
         return top, None
