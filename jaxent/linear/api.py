@@ -11,12 +11,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import _checks
-from .._categorical import aux_from_rows, split_where
+from .._categorical import aux_from_rows, finish, split_where
 from .._reduce import global_sum, safe_divide
-from . import chunked
+from . import chunked, lean
 from .reference import linear_cross_entropy_xla
 
-IMPLEMENTATIONS = (None, "xla", "chunked", "pallas")
+IMPLEMENTATIONS = (None, "xla", "chunked", "lean", "pallas")
 
 # Bytes of one block of float32 logits (B x V) by backend: small on CPU, where the
 # matmuls are efficient at any block size and memory is what the block costs; large
@@ -37,6 +37,17 @@ def default_block_size(num_tokens: int, vocab: int, backend: str | None = None) 
     return block
 
 
+def default_vocab_block_size(num_tokens: int, vocab: int, backend: str | None = None) -> int:
+    """Classes per block for "lean": the largest power of two whose (N, Bv) float32
+    logits fit the backend's budget, between 128 and 8192, and no larger than V."""
+    backend = backend or jax.default_backend()
+    budget = _BLOCK_BYTES.get(backend, _BLOCK_BYTES["gpu"]) // 4
+    block = 128
+    while block < 8192 and 2 * block * max(num_tokens, 1) * 4 <= budget:
+        block *= 2
+    return max(1, min(block, vocab))
+
+
 def _cut(a: jax.Array | None, num_blocks: int, block: int, fill=0) -> jax.Array | None:
     """(N, ...) -> (num_blocks, block, ...), padding the end with `fill`."""
     if a is None:
@@ -44,6 +55,19 @@ def _cut(a: jax.Array | None, num_blocks: int, block: int, fill=0) -> jax.Array 
     pad = num_blocks * block - a.shape[0]
     a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
     return a.reshape((num_blocks, block) + a.shape[1:])
+
+
+def _static(options: dict, return_aux: bool) -> chunked.Static:
+    """Trace-time options; a scalar option given as an array is carried as an operand."""
+    ls, zl = options["label_smoothing"], options["z_loss"]
+    return chunked.Static(
+        softcap=options["softcap"],
+        ignore_index=options["ignore_index"],
+        label_smoothing=ls if isinstance(ls, float) else None,
+        z_loss=zl if isinstance(zl, float) else None,
+        vocab_axis_name=options["vocab_axis_name"],
+        with_argmax=return_aux,
+    )
 
 
 def _chunked(
@@ -65,16 +89,7 @@ def _chunked(
     block = block_size or default_block_size(n, w.shape[0])
     num_blocks = -(-n // block)
     pmask = jnp.ones(lead, bool) if position_mask is None else position_mask
-    st = chunked.Static(
-        softcap=options["softcap"],
-        ignore_index=options["ignore_index"],
-        label_smoothing=options["label_smoothing"]
-        if isinstance(options["label_smoothing"], float)
-        else None,
-        z_loss=options["z_loss"] if isinstance(options["z_loss"], float) else None,
-        vocab_axis_name=options["vocab_axis_name"],
-        with_argmax=return_aux,
-    )
+    st = _static(options, return_aux)
     ops = chunked.Operands(
         x=_cut(x.reshape(n, x.shape[-1]), num_blocks, block),
         w=w,
@@ -111,6 +126,53 @@ def _chunked(
     return loss, aux_from_rows(rows, z_loss, batch_axis_name)
 
 
+def _lean(
+    x,
+    w,
+    labels,
+    *,
+    bias,
+    logit_mask,
+    position_mask,
+    options,
+    reduction,
+    return_aux,
+    batch_axis_name,
+    block_size,
+):
+    n, vocab = math.prod(x.shape[:-1]), w.shape[0]
+    block = block_size or default_vocab_block_size(n, vocab)
+    num_blocks = -(-vocab // block)
+
+    def by_class(a, fill=0):  # (V, ...) -> (num_blocks, block, ...)
+        return _cut(a, num_blocks, block, fill)
+
+    st = _static(options, return_aux)
+    ops = lean.Operands(
+        x=x.reshape(n, x.shape[-1]),
+        w=by_class(w),
+        bias=by_class(bias),
+        class_weights=by_class(options["class_weights"]),
+        class_mask=by_class(jnp.ones((vocab,), bool), fill=False),
+        labels=labels.reshape(n),
+        position_mask=jnp.ones((n,), bool) if position_mask is None else position_mask.reshape(n),
+        logit_mask=None
+        if logit_mask is None
+        else jnp.moveaxis(by_class(logit_mask.reshape(n, vocab).T, fill=False), -1, 1),
+        ls=None if st.label_smoothing is not None else options["label_smoothing"],
+        zl=None if st.z_loss is not None else options["z_loss"],
+    )
+    rows = jax.tree.map(lambda a: a.reshape(x.shape[:-1]), lean.vocab_rows(st, ops))
+    rows = rows._replace(
+        **{
+            k: lax.stop_gradient(v)
+            for k, v in rows._asdict().items()
+            if k != "loss" and v is not None
+        }
+    )
+    return finish(rows, reduction, return_aux, batch_axis_name)
+
+
 def _pallas(*args, **kwargs):
     raise NotImplementedError(
         "jaxent has no Pallas kernel for linear_cross_entropy yet; use implementation="
@@ -118,7 +180,12 @@ def _pallas(*args, **kwargs):
     )
 
 
-_IMPLS = {"xla": linear_cross_entropy_xla, "chunked": _chunked, "pallas": _pallas}
+_IMPLS = {
+    "xla": linear_cross_entropy_xla,
+    "chunked": _chunked,
+    "lean": _lean,
+    "pallas": _pallas,
+}
 _ORDER = ("pallas", "chunked")  # what None tries, best first
 
 _STATIC = (
@@ -182,7 +249,7 @@ def _linear_cross_entropy(
         return_aux=return_aux,
         batch_axis_name=batch_axis_name,
     )
-    if implementation == "chunked":
+    if implementation in ("chunked", "lean"):
         kwargs["block_size"] = block_size
     if implementation is not None:
         return _IMPLS[implementation](x, w, labels, **kwargs)
@@ -236,9 +303,10 @@ def linear_cross_entropy(
         `vocab_axis_name`, `w`, `bias` and `class_weights` hold this shard's rows.
       implementation: None (best available: "pallas", then "chunked"), "xla" (the
         materialised reference), "chunked" (pure JAX, token blocks, `custom_vjp`),
+        "lean" (pure JAX, vocabulary blocks: the least memory, one extra matmul),
         "pallas" (not available yet: raises NotImplementedError).
-      block_size: tokens per block for "chunked"; default from the backend and V
-        (`default_block_size`).
+      block_size: tokens per block for "chunked" (default `default_block_size`),
+        classes per block for "lean" (default `default_vocab_block_size`).
 
     Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32),
     not to `class_weights` or the scalar options. The matmuls run in the inputs'
@@ -247,7 +315,9 @@ def linear_cross_entropy(
     Memory ("chunked"): one block of float32 logits and its gradient, plus a float32
     dw accumulator (V x D) when differentiating with reduction "sum"/"mean" (the
     logit gradient is formed in the forward pass: 3 matmuls); reduction "none"
-    recomputes each block's logits in the backward pass (4 matmuls).
+    recomputes each block's logits in the backward pass (4 matmuls). "lean": one
+    (N, Bv) block of float32 logits and a float32 dx accumulator (N x D), never a
+    float32 copy of w; the backward recomputes the logits (4 matmuls).
     """
     x = _checks.check_floating("x", x)
     w = _checks.check_floating("w", w)

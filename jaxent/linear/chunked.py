@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._stable import Rows, categorical_rows
+from .mesh import sum_to_primal_axes, varying_like
 from .reference import project
 
 
@@ -58,7 +59,7 @@ class Operands(NamedTuple):
     zl: jax.Array | None
 
 
-def _pick(static_value, array_value):
+def pick(static_value, array_value):
     return static_value if array_value is None else array_value
 
 
@@ -70,8 +71,8 @@ def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask) 
         position_mask=position_mask,
         ignore_index=st.ignore_index,
         class_weights=ops.class_weights,
-        label_smoothing=_pick(st.label_smoothing, ops.ls),
-        z_loss=_pick(st.z_loss, ops.zl),
+        label_smoothing=pick(st.label_smoothing, ops.ls),
+        z_loss=pick(st.z_loss, ops.zl),
         softcap=st.softcap,
         vocab_axis_name=st.vocab_axis_name,
         with_argmax=st.with_argmax,
@@ -107,51 +108,23 @@ def _logit_grad_to_params(st: Static, ops: Operands, xb, dlogits, acc):
     return dx.astype(ops.x.dtype), (dw, db)
 
 
-def _varying_axes(a) -> frozenset:
-    """Mesh axes over which `a` varies inside `shard_map` (empty outside).
-
-    jax <= 0.9 exposes them as `typeof(a).vma`, later versions as
-    `typeof(a).manual_axis_type.varying`.
-    """
-    aval = jax.typeof(a)
-    axes = getattr(aval, "vma", None)
-    if axes is None:
-        axes = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return frozenset(axes)
-
-
-def _varying_like(zeros: jax.Array, refs) -> jax.Array:
-    """Give a fresh accumulator the mesh axes its updates vary over (any operand can
-    enter them): `lax.scan` needs equal carry types under `shard_map`."""
-    missing = frozenset().union(*map(_varying_axes, refs)) - _varying_axes(zeros)
-    return lax.pcast(zeros, tuple(sorted(missing)), to="varying") if missing else zeros
-
-
-def _sum_to_primal_axes(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """A cotangent of an input replicated over a mesh axis is the sum of the shards'
-    partial cotangents (e.g. dw over a data-parallel axis); autodiff inserts this psum
-    itself, a `custom_vjp` backward must do it."""
-    extra = _varying_axes(ct) - _varying_axes(primal)
-    return lax.psum(ct, tuple(sorted(extra))) if extra else ct
-
-
 def _zero_acc(ops: Operands):
     """Float32 (float64 for float64 w) accumulators for dw and dbias."""
     acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
     refs = jax.tree.leaves(ops)
-    db = None if ops.bias is None else _varying_like(jnp.zeros(ops.bias.shape, acc), refs)
-    return _varying_like(jnp.zeros(ops.w.shape, acc), refs), db
+    db = None if ops.bias is None else varying_like(jnp.zeros(ops.bias.shape, acc), refs)
+    return varying_like(jnp.zeros(ops.w.shape, acc), refs), db
 
 
 def _param_cotangents(ops: Operands, dx, acc, scale=1.0):
     """Cotangents for every field of `Operands` (None for the non-differentiable ones)."""
     dw, db = acc
     return Operands(
-        x=_sum_to_primal_axes(dx * scale, ops.x).astype(ops.x.dtype),
-        w=_sum_to_primal_axes(dw * scale, ops.w).astype(ops.w.dtype),
+        x=sum_to_primal_axes(dx * scale, ops.x).astype(ops.x.dtype),
+        w=sum_to_primal_axes(dw * scale, ops.w).astype(ops.w.dtype),
         bias=None
         if db is None
-        else _sum_to_primal_axes(db * scale, ops.bias).astype(ops.bias.dtype),
+        else sum_to_primal_axes(db * scale, ops.bias).astype(ops.bias.dtype),
         labels=None,
         position_mask=None,
         logit_mask=None,

@@ -1,0 +1,39 @@
+"""Helpers for custom_vjp code inside `shard_map`: which mesh axes a value varies over.
+
+Autodiff tracks this itself; a hand-written `custom_vjp` must (a) give fresh scan
+accumulators the varying axes of their updates and (b) sum a cotangent over the mesh
+axes its primal input is replicated on.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+
+
+def varying_axes(a) -> frozenset:
+    """Mesh axes over which `a` varies inside `shard_map` (empty outside).
+
+    jax <= 0.9 exposes them as `typeof(a).vma`, later versions as
+    `typeof(a).manual_axis_type.varying`.
+    """
+    aval = jax.typeof(a)
+    axes = getattr(aval, "vma", None)
+    if axes is None:
+        axes = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(axes)
+
+
+def varying_like(zeros: jax.Array, refs) -> jax.Array:
+    """Give a fresh accumulator the mesh axes its updates vary over (any operand can
+    enter them): `lax.scan` needs equal carry types under `shard_map`."""
+    missing = frozenset().union(*map(varying_axes, refs)) - varying_axes(zeros)
+    return lax.pcast(zeros, tuple(sorted(missing)), to="varying") if missing else zeros
+
+
+def sum_to_primal_axes(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A cotangent of an input replicated over a mesh axis is the sum of the shards'
+    partial cotangents (e.g. dw over a data-parallel axis); autodiff inserts this psum
+    itself, a `custom_vjp` backward must do it."""
+    extra = varying_axes(ct) - varying_axes(primal)
+    return lax.psum(ct, tuple(sorted(extra))) if extra else ct
