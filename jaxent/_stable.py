@@ -170,6 +170,40 @@ def safe_shift(best: jax.Array) -> jax.Array:
     return lax.stop_gradient(jnp.where(jnp.isneginf(best), 0, best))
 
 
+@jax.custom_vjp
+def _take_label_fused(z: jax.Array, index: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(z, index[..., None], axis=-1)[..., 0]
+
+
+def _take_label_fwd(z, index):
+    return _take_label_fused(z, index), (index, jnp.zeros((), z.dtype), z.shape[-1])
+
+
+def _take_label_bwd(residuals, g):
+    index, zero, num = residuals
+    ids = lax.broadcasted_iota(index.dtype, (num,), 0)
+    return jnp.where(ids == index[..., None], g[..., None], zero), None
+
+
+_take_label_fused.defvjp(_take_label_fwd, _take_label_bwd)
+
+
+def take_label(z: jax.Array, index: jax.Array) -> jax.Array:
+    """z[..., index]: one logit per row, gathered.
+
+    On accelerators the transpose is a compare with the class ids instead of the
+    scatter autodiff emits: an elementwise select that XLA fuses into the softmax
+    gradient, so the logits' gradient is written in one pass. On CPU autodiff's
+    scatter-add of N values into that gradient is cheaper (measured: the select made
+    N=4096, C=1000 float32 1.4x slower), so CPU keeps it.
+    """
+
+    def plain(z, index):
+        return jnp.take_along_axis(z, index[..., None], axis=-1)[..., 0]
+
+    return lax.platform_dependent(z, index, cpu=plain, default=_take_label_fused)
+
+
 def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Partial:
     """Partial sums of one block of prepared logits (class ids offset..offset+C).
 
@@ -180,7 +214,7 @@ def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Parti
     local = labels - offset
     in_block = (local >= 0) & (local < z.shape[-1])
     local = jnp.clip(local, 0, z.shape[-1] - 1)
-    z_label = jnp.take_along_axis(z, local[..., None], axis=-1)[..., 0]
+    z_label = take_label(z, local)
     hit = in_block & kept(z_label)
     w = None if class_weights is None else class_weights.astype(dtype)
     kw = None
