@@ -16,7 +16,7 @@ def _load():
 
 
 def test_large_vocab_example_runs_and_curves_agree(tmp_path):
-    argv = ["--steps", "8", "--vocab", "4096", "--tokens", "512", "--out", str(tmp_path)]
+    argv = ["--steps", "8", "--vocab", "8192", "--tokens", "2048", "--out", str(tmp_path)]
     summary = _load().main(argv)
     xla, default = summary["xla"]["losses"], summary["default"]["losses"]
     assert len(xla) == len(default) == 8
