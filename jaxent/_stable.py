@@ -16,6 +16,7 @@ the max, the sum of exponentials, the label logit and a few sums.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -170,40 +171,6 @@ def safe_shift(best: jax.Array) -> jax.Array:
     return lax.stop_gradient(jnp.where(jnp.isneginf(best), 0, best))
 
 
-@jax.custom_vjp
-def _take_label_fused(z: jax.Array, index: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(z, index[..., None], axis=-1)[..., 0]
-
-
-def _take_label_fwd(z, index):
-    return _take_label_fused(z, index), (index, jnp.zeros((), z.dtype), z.shape[-1])
-
-
-def _take_label_bwd(residuals, g):
-    index, zero, num = residuals
-    ids = lax.broadcasted_iota(index.dtype, (num,), 0)
-    return jnp.where(ids == index[..., None], g[..., None], zero), None
-
-
-_take_label_fused.defvjp(_take_label_fwd, _take_label_bwd)
-
-
-def take_label(z: jax.Array, index: jax.Array) -> jax.Array:
-    """z[..., index]: one logit per row, gathered.
-
-    On accelerators the transpose is a compare with the class ids instead of the
-    scatter autodiff emits: an elementwise select that XLA fuses into the softmax
-    gradient, so the logits' gradient is written in one pass. On CPU autodiff's
-    scatter-add of N values into that gradient is cheaper (measured: the select made
-    N=4096, C=1000 float32 1.4x slower), so CPU keeps it.
-    """
-
-    def plain(z, index):
-        return jnp.take_along_axis(z, index[..., None], axis=-1)[..., 0]
-
-    return lax.platform_dependent(z, index, cpu=plain, default=_take_label_fused)
-
-
 def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Partial:
     """Partial sums of one block of prepared logits (class ids offset..offset+C).
 
@@ -214,7 +181,7 @@ def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Parti
     local = labels - offset
     in_block = (local >= 0) & (local < z.shape[-1])
     local = jnp.clip(local, 0, z.shape[-1] - 1)
-    z_label = take_label(z, local)
+    z_label = jnp.take_along_axis(z, local[..., None], axis=-1)[..., 0]
     hit = in_block & kept(z_label)
     w = None if class_weights is None else class_weights.astype(dtype)
     kw = None
@@ -230,6 +197,68 @@ def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Parti
         below_max=None if kw is None else jnp.sum(jnp.where(keep, kw * (m[..., None] - z), 0), -1),
         count=None if kw is None else jnp.sum(keep, axis=-1, dtype=dtype),
     )
+
+
+def logit_partial(logits, labels, offset, m, class_weights, logit_mask, softcap, smoothing):
+    """`block_partial(prepare_logits(logits, logit_mask, softcap), ...)` from raw logits.
+
+    On accelerators its backward writes the logits' gradient in one elementwise pass
+    over the logits: autodiff would store exp(z - m) (a float32 copy of the logits)
+    and scatter the label's gradient; here the backward recomputes exp from the
+    logits and the cotangents of the few per-row sums (how the loss depends on them
+    is left to autodiff of `finish_rows`, O(N)). Per element that is 4 bytes moved
+    instead of 7 for bfloat16 logits. On CPU, where XLA's elementwise loops are
+    compute-bound, plain autodiff measured faster (N=4096, C=1000 float32: the
+    recompute was 2x slower) and is used. No gradient flows to `class_weights`.
+    """
+
+    def autodiff(logits, labels, offset, m, class_weights, logit_mask):
+        z = prepare_logits(logits, logit_mask, softcap)
+        return block_partial(z, labels, offset, m, class_weights, smoothing)
+
+    def one_pass(logits, labels, offset, m, class_weights, logit_mask):
+        return _logit_partial(
+            softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask
+        )
+
+    args = (logits, labels, offset, lax.stop_gradient(m), class_weights, logit_mask)
+    return lax.platform_dependent(*args, cpu=autodiff, default=one_pass)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _logit_partial(softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask):
+    z = prepare_logits(logits, logit_mask, softcap)
+    return block_partial(z, labels, offset, m, class_weights, smoothing)
+
+
+def _logit_partial_fwd(softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask):
+    out = _logit_partial(softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask)
+    return out, (logits, labels, offset, m, class_weights, logit_mask)
+
+
+def _logit_partial_bwd(softcap, smoothing, residuals, ct: Partial):
+    """d/dz of each sum: s -> exp(z - m); z_label -> [c == y]; below_max -> -w[c]
+    (kept logits only); then the soft-cap's slope 1 - tanh²."""
+    logits, labels, offset, m, class_weights, logit_mask = residuals
+    x = logits.astype(compute_dtype(logits.dtype))
+    keep = x != -jnp.inf
+    if logit_mask is not None:
+        keep = keep & logit_mask
+    z, slope = x, None
+    if softcap is not None:
+        t = jnp.tanh(jnp.where(keep, x, 0) / softcap)
+        z, slope = softcap * t, 1 - t * t
+    ids = lax.broadcasted_iota(labels.dtype, (x.shape[-1],), 0) + offset
+    dz = ct.s[..., None] * jnp.exp(jnp.where(keep, z, -jnp.inf) - m[..., None])
+    dz = dz + jnp.where(ids == labels[..., None], ct.z_label[..., None], 0)
+    if smoothing:
+        w = 1 if class_weights is None else class_weights.astype(x.dtype)
+        dz = dz - ct.below_max[..., None] * w
+    dz = jnp.where(keep, dz if slope is None else dz * slope, 0)
+    return dz.astype(logits.dtype), None, None, None, None, None
+
+
+_logit_partial.defvjp(_logit_partial_fwd, _logit_partial_bwd)
 
 
 def rescale(p: Partial, m_old: jax.Array, m_new: jax.Array) -> Partial:
@@ -326,12 +355,14 @@ def categorical_rows(
     num_local = logits.shape[-1]
     offset = class_offset(num_local, vocab_axis_name)
     best, first = shard_max(*row_max(z, offset, with_argmax), vocab_axis_name)
-    partial = block_partial(
-        z,
+    partial = logit_partial(
+        logits,
         labels,
         offset,
         safe_shift(best),
         class_weights,
+        logit_mask,
+        softcap,
         smoothing=not is_off(label_smoothing),
     )
     return finish_rows(
