@@ -48,13 +48,27 @@ def default_vocab_block_size(num_tokens: int, vocab: int, backend: str | None = 
     return max(1, min(block, vocab))
 
 
-def _cut(a: jax.Array | None, num_blocks: int, block: int, fill=0) -> jax.Array | None:
-    """(N, ...) -> (num_blocks, block, ...), padding the end with `fill`."""
+def _cut(a, num_blocks: int, block: int, fill=0, strided: bool = False):
+    """(N, ...) -> (num_blocks, block, ...), padding the end with `fill`.
+
+    Contiguous blocks, or strided ones (block i holds rows i, i + num_blocks, ...):
+    a split of N over devices (contiguous rows per device) then stays a split of each
+    block's rows, so under `jit` with sharded inputs XLA runs the block loop without
+    gathering the rows.
+    """
     if a is None:
         return None
     pad = num_blocks * block - a.shape[0]
     a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-    return a.reshape((num_blocks, block) + a.shape[1:])
+    if not strided:
+        return a.reshape((num_blocks, block) + a.shape[1:])
+    return jnp.moveaxis(a.reshape((block, num_blocks) + a.shape[1:]), 1, 0)
+
+
+def _uncut(a: jax.Array, n: int) -> jax.Array:
+    """Inverse of a strided `_cut` for (num_blocks, block, ...) results: the first n rows."""
+    a = jnp.moveaxis(a, 0, 1)
+    return a.reshape((-1,) + a.shape[2:])[:n]
 
 
 def _static(options: dict, return_aux: bool) -> chunked.Static:
@@ -91,13 +105,17 @@ def _chunked(
     pmask = jnp.ones(lead, bool) if position_mask is None else position_mask
     st = _static(options, return_aux)
     ops = chunked.Operands(
-        x=_cut(x.reshape(n, x.shape[-1]), num_blocks, block),
+        x=_cut(x.reshape(n, x.shape[-1]), num_blocks, block, strided=True),
         w=w,
         bias=bias,
-        labels=_cut(labels.reshape(n), num_blocks, block),
-        position_mask=_cut(pmask.reshape(n), num_blocks, block, fill=False),
+        labels=_cut(labels.reshape(n), num_blocks, block, strided=True),
+        position_mask=_cut(pmask.reshape(n), num_blocks, block, fill=False, strided=True),
         logit_mask=_cut(
-            None if logit_mask is None else logit_mask.reshape(n, -1), num_blocks, block, fill=False
+            None if logit_mask is None else logit_mask.reshape(n, -1),
+            num_blocks,
+            block,
+            fill=False,
+            strided=True,
         ),
         class_weights=options["class_weights"],
         ls=None if st.label_smoothing is not None else options["label_smoothing"],
@@ -105,7 +123,7 @@ def _chunked(
     )
 
     def unblock(a):
-        return a.reshape(-1)[:n].reshape(lead)
+        return _uncut(a, n).reshape(lead)
 
     if reduction == "none":
         rows = jax.tree.map(unblock, chunked.token_rows(st, ops))
