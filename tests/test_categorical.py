@@ -1,0 +1,409 @@
+"""cross_entropy and soft_cross_entropy against float64 oracles written from SPEC §1–§2."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxent
+
+from . import oracles
+
+F32 = jnp.float32
+
+
+def make(seed, shape, num_classes, dtype=F32, scale=2.0):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    logits = (jax.random.normal(kx, shape + (num_classes,), jnp.float32) * scale).astype(dtype)
+    labels = jax.random.randint(ky, shape, 0, num_classes, jnp.int32)
+    return logits, labels
+
+
+def weights_for(num_classes, seed=11):
+    return jax.random.uniform(jax.random.PRNGKey(seed), (num_classes,), F32, 0.2, 2.0)
+
+
+OPTIONS = {
+    "plain": {},
+    "weights": {"class_weights": True},
+    "smoothing": {"label_smoothing": 0.2},
+    "zloss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 2.5},
+    "ignore": {"ignore_index": 1},
+    "all": {
+        "class_weights": True,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "softcap": 4.0,
+        "ignore_index": 2,
+    },
+}
+
+
+def resolve(opts, num_classes):
+    opts = dict(opts)
+    if opts.get("class_weights") is True:
+        opts["class_weights"] = weights_for(num_classes)
+    return opts
+
+
+def where_for(kind, logits, labels, seed=5):
+    if kind is None:
+        return None
+    shape = labels.shape if kind == "positions" else logits.shape
+    mask = jax.random.uniform(jax.random.PRNGKey(seed), shape) > 0.3
+    if kind == "logits":  # keep every label's own logit so losses stay finite
+        onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+        mask = mask | onehot
+    return mask
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("where_kind", [None, "positions", "logits"])
+def test_cross_entropy_matches_oracle(name, reduction, where_kind):
+    logits, labels = make(0, (4, 6), 7)
+    opts = resolve(OPTIONS[name], 7)
+    where = where_for(where_kind, logits, labels)
+    got, aux = jaxent.cross_entropy(
+        logits, labels, where=where, reduction=reduction, return_aux=True, **opts
+    )
+    want, want_aux = oracles.cross_entropy(logits, labels, where=where, reduction=reduction, **opts)
+    assert got.dtype == F32
+    assert oracles.rel_err(got, want) < 1e-5
+    assert oracles.rel_err(aux.z_loss, want_aux["z_loss"]) < 1e-5
+    np.testing.assert_allclose(aux.accuracy, want_aux["accuracy"], rtol=1e-6)
+    assert int(aux.num_valid) == want_aux["num_valid"]
+    np.testing.assert_allclose(aux.weight_sum, want_aux["weight_sum"], rtol=1e-6)
+    np.testing.assert_allclose(aux.lse, want_aux["lse"], rtol=1e-5)
+
+
+def oracle_grad(fn, x, h=1e-6):
+    """Central finite differences of a float64 NumPy oracle."""
+    x = np.asarray(x, np.float64)
+    g = np.zeros_like(x)
+    for idx in itertools.product(*map(range, x.shape)):
+        if not np.isfinite(x[idx]):
+            continue
+        up, down = x.copy(), x.copy()
+        up[idx] += h
+        down[idx] -= h
+        g[idx] = (fn(up) - fn(down)) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("where_kind", [None, "logits"])
+def test_cross_entropy_gradient_matches_oracle(name, where_kind):
+    logits, labels = make(1, (5,), 6)
+    logits = logits.at[0, 2].set(-jnp.inf)
+    labels = labels.at[0].set(0)
+    opts = resolve(OPTIONS[name], 6)
+    where = where_for(where_kind, logits, labels)
+    got = jax.grad(lambda x: jaxent.cross_entropy(x, labels, where=where, **opts))(logits)
+    want = oracle_grad(lambda x: oracles.cross_entropy(x, labels, where=where, **opts)[0], logits)
+    assert got.dtype == F32
+    assert oracles.rel_err(got, want) < 1e-5
+    assert got[0, 2] == 0  # a -inf logit gets no gradient
+    if where is not None:
+        assert np.all(np.asarray(got)[~np.asarray(where)] == 0)
+
+
+def test_check_grads_float64():
+    logits, labels = make(2, (3,), 5, dtype=jnp.float64)
+    w = weights_for(5).astype(jnp.float64)
+
+    def f(x):
+        return jaxent.cross_entropy(
+            x, labels, class_weights=w, label_smoothing=0.1, z_loss=0.01, softcap=3.0
+        )
+
+    jax.test_util.check_grads(f, (logits,), order=2, modes=["rev"], eps=1e-4)
+    assert f(logits).dtype == jnp.float64
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", ["plain", "all"])
+def test_low_precision_inputs(dtype, name):
+    logits, labels = make(3, (8,), 11, dtype=dtype)
+    opts = resolve(OPTIONS[name], 11)
+    loss, grad = jax.value_and_grad(lambda x: jaxent.cross_entropy(x, labels, **opts))(logits)
+    assert loss.dtype == F32 and grad.dtype == dtype
+    rounded = np.asarray(logits.astype(F32), np.float64)  # the oracle sees the same inputs
+    want = oracles.cross_entropy(rounded, labels, **opts)[0]
+    want_grad = oracle_grad(lambda x: oracles.cross_entropy(x, labels, **opts)[0], rounded)
+    assert oracles.rel_err(loss, want) < 1e-3
+    assert oracles.rel_err(grad.astype(F32), want_grad) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_large_low_precision_logits_stay_finite(dtype):
+    logits, labels = make(4, (6,), 9, dtype=dtype, scale=1e4)
+    loss, grad = jax.value_and_grad(lambda x: jaxent.cross_entropy(x, labels))(logits)
+    want = oracles.cross_entropy(np.asarray(logits.astype(F32)), labels)[0]
+    assert np.isfinite(loss) and np.all(np.isfinite(grad.astype(F32)))
+    assert oracles.rel_err(loss, want) < 1e-3
+
+
+def test_huge_float32_logits():
+    logits = jnp.array([[1e30, -1e30, 0.0, 5e29], [3.0, 1e30, 1e30, -2.0]], F32)
+    labels = jnp.array([3, 0])
+    got = jaxent.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
+    want = oracles.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")[0]
+    assert oracles.rel_err(got, want) < 1e-5
+
+
+def test_float64_inputs_compute_in_float64():
+    logits, labels = make(5, (4,), 6, dtype=jnp.float64)
+    got = jaxent.cross_entropy(logits, labels, label_smoothing=0.3)
+    assert got.dtype == jnp.float64
+    assert (
+        oracles.rel_err(got, oracles.cross_entropy(logits, labels, label_smoothing=0.3)[0]) < 1e-12
+    )
+
+
+@pytest.mark.parametrize("axis", [0, 1, -2])
+def test_axis_and_leading_dims(axis):
+    logits, labels = make(6, (2, 3), 5)  # (2, 3, 5), classes last
+    moved = jnp.moveaxis(logits, -1, axis)
+    got = jaxent.cross_entropy(moved, labels, axis=axis, label_smoothing=0.1, reduction="none")
+    want = jaxent.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    mask = jnp.moveaxis(where_for("logits", logits, labels), -1, axis)
+    got = jaxent.cross_entropy(moved, labels, axis=axis, where=mask)
+    want = oracles.cross_entropy(logits, labels, where=jnp.moveaxis(mask, axis, -1))[0]
+    assert oracles.rel_err(got, want) < 1e-5
+
+
+def test_matches_pytorch_semantics_weighted_ignore_smoothing():
+    """F.cross_entropy(weight=w, ignore_index=-100, label_smoothing=ε), written out:
+    loss_n = (1-ε) w[y] (-lp[y]) + ε/C Σ_c w[c] (-lp[c]); mean = Σ loss_n / Σ w[y_n]."""
+    logits, labels = make(7, (6,), 4)
+    labels = labels.at[2].set(-100)
+    w = np.array([0.5, 1.0, 2.0, 1.5])
+    lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float64)))
+    num = den = 0.0
+    for n in range(6):
+        y = int(labels[n])
+        if y == -100:
+            continue
+        num += 0.9 * w[y] * -lp[n, y] + 0.1 / 4 * np.sum(w * -lp[n])
+        den += w[y]
+    got = jaxent.cross_entropy(
+        logits, labels, class_weights=jnp.asarray(w, F32), ignore_index=-100, label_smoothing=0.1
+    )
+    np.testing.assert_allclose(got, num / den, rtol=1e-5)
+
+
+def test_matches_optax():
+    logits, labels = make(8, (10,), 13)
+    got = jaxent.cross_entropy(logits, labels, reduction="none")
+    want = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, 13), 0.2)
+    np.testing.assert_allclose(
+        jaxent.cross_entropy(logits, labels, label_smoothing=0.2),
+        optax.losses.softmax_cross_entropy(logits, targets).mean(),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        jaxent.soft_cross_entropy(logits, jax.nn.softmax(logits[::-1]), reduction="none"),
+        optax.losses.softmax_cross_entropy(logits, jax.nn.softmax(logits[::-1])),
+        rtol=1e-5,
+    )
+
+
+def test_jit_equals_eager_and_vmap_equals_loop():
+    logits, labels = make(9, (3, 4), 6)
+    w = weights_for(6)
+
+    def f(x, y):
+        return jaxent.cross_entropy(x, y, class_weights=w, label_smoothing=0.1)
+
+    np.testing.assert_allclose(jax.jit(f)(logits, labels), f(logits, labels), rtol=1e-6)
+    batched = jax.vmap(f)(logits, labels)
+    looped = jnp.stack([f(logits[i], labels[i]) for i in range(3)])
+    np.testing.assert_allclose(batched, looped, rtol=1e-6)
+
+
+def test_no_retrace_when_values_change():
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(x, y, eps, zl):
+        return jaxent.cross_entropy(x, y, label_smoothing=eps, z_loss=zl)
+
+    for seed in range(3):
+        logits, labels = make(seed, (4,), 5)
+        step(logits, labels, jnp.float32(0.1 * seed), jnp.float32(1e-3 * seed))
+    eager = [jaxent.cross_entropy(*make(s, (4,), 5), label_smoothing=0.1) for s in range(2)]
+    assert all(np.isfinite(eager))
+
+
+def test_scheduled_options_equal_static_ones():
+    logits, labels = make(10, (5,), 6)
+    static = jaxent.cross_entropy(logits, labels, label_smoothing=0.15, z_loss=0.01)
+    traced = jax.jit(
+        lambda e, z: jaxent.cross_entropy(logits, labels, label_smoothing=e, z_loss=z)
+    )(0.15, 0.01)
+    np.testing.assert_allclose(static, traced, rtol=1e-6)
+    bad = jaxent.cross_entropy(logits, labels, label_smoothing=jnp.float32(1.5))
+    assert np.isnan(bad)
+
+
+def test_minus_inf_logits_are_dropped_logits():
+    logits = jnp.array([[0.0, 1.0, -jnp.inf, 2.0]], F32)
+    labels = jnp.array([1])
+    got = jaxent.cross_entropy(logits, labels, label_smoothing=0.3)
+    want = oracles.cross_entropy(logits, labels, label_smoothing=0.3)[0]  # C = 3
+    assert oracles.rel_err(got, want) < 1e-6
+    same = jaxent.cross_entropy(logits[:, [0, 1, 3]], labels, label_smoothing=0.3)
+    np.testing.assert_allclose(got, same, rtol=1e-6)
+    at_inf = jaxent.cross_entropy(logits, jnp.array([2]), reduction="none")
+    assert at_inf[0] == np.inf
+
+
+def test_fully_masked_and_empty():
+    logits, labels = make(12, (4,), 3)
+    loss, grad = jax.value_and_grad(
+        lambda x: jaxent.cross_entropy(x, labels, where=jnp.zeros(4, bool))
+    )(logits)
+    assert loss == 0 and np.all(grad == 0)
+    all_inf = jnp.full((2, 3), -jnp.inf, F32)
+    loss, grad = jax.value_and_grad(lambda x: jaxent.cross_entropy(x, jnp.zeros(2, int)))(all_inf)
+    assert loss == 0 and np.all(grad == 0)
+    empty, aux = jaxent.cross_entropy(jnp.zeros((0, 4), F32), jnp.zeros((0,), int), return_aux=True)
+    assert empty == 0 and aux.num_valid == 0 and aux.accuracy == 0
+
+
+def test_single_class():
+    loss = jaxent.cross_entropy(jnp.ones((3, 1), F32), jnp.zeros(3, int), label_smoothing=0.5)
+    assert loss == 0
+
+
+def test_bad_label_is_nan_only_there():
+    logits, labels = make(13, (4,), 5)
+    labels = labels.at[1].set(5).at[3].set(-1)
+    got = jaxent.cross_entropy(logits, labels, reduction="none", ignore_index=-1)
+    got = np.asarray(got)
+    assert np.isnan(got[1]) and np.all(np.isfinite(got[[0, 2, 3]])) and got[3] == 0
+    assert np.isnan(jaxent.cross_entropy(logits, labels, ignore_index=-1))
+    masked = jaxent.cross_entropy(logits, labels, where=jnp.array([True, False, True, False]))
+    assert np.isfinite(masked)  # dropped positions are not checked
+
+
+def test_nan_logits_propagate():
+    logits = jnp.array([[0.0, jnp.nan], [1.0, 2.0]], F32)
+    got = jaxent.cross_entropy(logits, jnp.array([0, 1]), reduction="none")
+    assert np.isnan(got[0]) and np.isfinite(got[1])
+    masked = jaxent.cross_entropy(
+        logits, jnp.array([0, 1]), where=jnp.array([[True, False], [True, True]])
+    )
+    assert np.isfinite(masked)  # a masked NaN takes no part
+
+
+# --- properties ------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(1, 5), st.integers(1, 7))
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 10_000), shift=st.floats(-50, 50))
+def test_properties(shape, seed, shift):
+    n, c = shape
+    logits, labels = make(seed, (n,), c)
+    loss, grad = jax.value_and_grad(lambda x: jaxent.cross_entropy(x, labels, reduction="sum"))(
+        logits
+    )
+    assert loss >= 0
+    shifted = jaxent.cross_entropy(logits + shift, labels, reduction="sum")
+    np.testing.assert_allclose(shifted, loss, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grad.sum(axis=-1), 0, atol=1e-5)
+    soft = jaxent.soft_cross_entropy(logits, jax.nn.one_hot(labels, c), reduction="sum")
+    np.testing.assert_allclose(soft, loss, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.floats(0, 1))
+def test_masked_positions_get_exactly_zero_gradient(seed, eps):
+    logits, labels = make(seed, (6,), 4)
+    mask = jax.random.uniform(jax.random.PRNGKey(seed + 1), (6,)) > 0.5
+    grad = jax.grad(lambda x: jaxent.cross_entropy(x, labels, where=mask, label_smoothing=eps))(
+        logits
+    )
+    assert np.all(np.asarray(grad)[~np.asarray(mask)] == 0)
+
+
+# --- soft_cross_entropy ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"label_smoothing": 0.2}, {"z_loss": 0.01, "softcap": 3.0}, {"class_weights": True}],
+)
+@pytest.mark.parametrize("where_kind", [None, "positions", "logits"])
+def test_soft_cross_entropy_matches_oracle(reduction, opts, where_kind):
+    logits, labels = make(14, (3, 4), 6)
+    targets = jax.nn.softmax(make(15, (3, 4), 6)[0])
+    where = where_for(where_kind, logits, labels)
+    if where_kind == "logits":
+        targets = jnp.where(where, targets, 0)  # zero target on masked logits
+    opts = resolve(opts, 6)
+    got = jaxent.soft_cross_entropy(logits, targets, where=where, reduction=reduction, **opts)
+    want = oracles.soft_cross_entropy(logits, targets, where=where, reduction=reduction, **opts)
+    assert oracles.rel_err(got, want) < 1e-5
+
+
+def test_soft_cross_entropy_gradients_and_minus_inf():
+    logits, _ = make(16, (4,), 5)
+    logits = logits.at[1, 2].set(-jnp.inf)
+    targets = jax.nn.softmax(make(17, (4,), 5)[0]).at[1, 2].set(0.0)
+    gx, gt = jax.grad(
+        lambda x, t: jaxent.soft_cross_entropy(x, t, label_smoothing=0.1), argnums=(0, 1)
+    )(logits, targets)
+    want = oracle_grad(
+        lambda x: oracles.soft_cross_entropy(x, targets, label_smoothing=0.1), logits
+    )
+    assert oracles.rel_err(gx, want) < 1e-5 and gx[1, 2] == 0
+    assert np.all(np.isfinite(gt))
+    lost = jaxent.soft_cross_entropy(logits, targets.at[1, 2].set(0.5), reduction="none")
+    assert lost[1] == np.inf
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"labels": jnp.zeros(4, F32)}, TypeError, "`labels` must have an integer dtype"),
+        ({"labels": jnp.zeros(3, int)}, ValueError, r"`labels` must have shape \(4,\), got \(3,\)"),
+        ({"axis": 2}, ValueError, "`axis` must be in"),
+        ({"reduction": "avg"}, ValueError, "`reduction` must be one of"),
+        ({"label_smoothing": 1.5}, ValueError, "`label_smoothing` must be"),
+        ({"z_loss": -1.0}, ValueError, "`z_loss` must be >= 0.0, got -1.0"),
+        ({"softcap": 0.0}, ValueError, "`softcap` must be > 0 or None, got 0.0"),
+        ({"class_weights": jnp.ones(4)}, ValueError, r"`class_weights` must have shape \(5,\)"),
+        ({"where": jnp.ones((4, 3), bool)}, ValueError, "`where` must be broadcastable"),
+        ({"where": jnp.ones(4, int)}, TypeError, "`where` must be a boolean mask"),
+        ({"ignore_index": 1.0}, TypeError, "`ignore_index` must be an int"),
+        ({"logits": jnp.zeros((4, 5), int)}, TypeError, "`logits` must have a floating dtype"),
+    ],
+)
+def test_trace_time_errors_name_the_argument(kwargs, error, match):
+    args = {"logits": jnp.zeros((4, 5), F32), "labels": jnp.zeros(4, int)}
+    args.update(kwargs)
+    logits, labels = args.pop("logits"), args.pop("labels")
+    with pytest.raises(error, match=match):
+        jaxent.cross_entropy(logits, labels, **args)
+
+
+def test_soft_targets_shape_error():
+    with pytest.raises(ValueError, match=r"`targets` must have shape \(4, 5\), got \(4, 4\)"):
+        jaxent.soft_cross_entropy(jnp.zeros((4, 5)), jnp.zeros((4, 4)))
