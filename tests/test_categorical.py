@@ -10,6 +10,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.test_util import check_grads
 
 import jaxent
 
@@ -124,7 +125,7 @@ def test_check_grads_float64():
             x, labels, class_weights=w, label_smoothing=0.1, z_loss=0.01, softcap=3.0
         )
 
-    jax.test_util.check_grads(f, (logits,), order=2, modes=["rev"], eps=1e-4)
+    check_grads(f, (logits,), order=2, modes=["rev"], eps=1e-4)
     assert f(logits).dtype == jnp.float64
 
 

@@ -1,0 +1,129 @@
+"""binary_cross_entropy and focal_loss against float64 oracles (PyTorch / torchvision)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import jaxent
+
+from . import oracles
+
+F32 = jnp.float32
+
+
+def make(seed, shape=(4, 5), scale=3.0, dtype=F32):
+    kx, kt = jax.random.split(jax.random.PRNGKey(seed))
+    x = (jax.random.normal(kx, shape, F32) * scale).astype(dtype)
+    t = (jax.random.uniform(kt, shape) > 0.5).astype(F32)
+    return x, t
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"label_smoothing": 0.1},
+        {"pos_weight": "vector"},
+        {"weights": "full"},
+        {"where": "mask", "pos_weight": "vector", "label_smoothing": 0.2},
+    ],
+)
+def test_bce_matches_oracle(reduction, opts):
+    x, t = make(0)
+    opts = dict(opts)
+    if opts.get("pos_weight") == "vector":
+        opts["pos_weight"] = jnp.linspace(0.5, 3.0, 5)
+    if opts.get("weights") == "full":
+        opts["weights"] = jax.random.uniform(jax.random.PRNGKey(1), (4, 5))
+    if opts.get("where") == "mask":
+        opts["where"] = jax.random.uniform(jax.random.PRNGKey(2), (4, 5)) > 0.4
+    got = jaxent.binary_cross_entropy(x, t, reduction=reduction, **opts)
+    want = oracles.binary_cross_entropy(x, t, reduction=reduction, **opts)
+    assert got.dtype == F32
+    assert oracles.rel_err(got, want) < 1e-5
+
+
+def test_bce_matches_optax_and_gradient():
+    x, t = make(3)
+    np.testing.assert_allclose(
+        jaxent.binary_cross_entropy(x, t, reduction="none"),
+        optax.losses.sigmoid_binary_cross_entropy(x, t),
+        rtol=1e-5,
+    )
+    g = jax.grad(lambda x: jaxent.binary_cross_entropy(x, t, reduction="sum"))(x)
+    np.testing.assert_allclose(g, jax.nn.sigmoid(x) - t, rtol=1e-5, atol=1e-7)
+
+
+def test_saturated_logits_and_low_precision():
+    x = jnp.array([-1e4, -100.0, 0.0, 100.0, 1e4], jnp.bfloat16)
+    t = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0])
+    loss, g = jax.value_and_grad(lambda x: jaxent.binary_cross_entropy(x, t, reduction="sum"))(x)
+    want = oracles.binary_cross_entropy(np.asarray(x.astype(F32)), t, reduction="sum")
+    assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(g.astype(F32)))
+    assert oracles.rel_err(loss, want) < 1e-3
+
+
+@pytest.mark.parametrize("alpha", [0.25, None, -1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_focal_matches_oracle(alpha, gamma, reduction):
+    x, t = make(4)
+    got = jaxent.focal_loss(x, t, alpha=alpha, gamma=gamma, reduction=reduction)
+    want = oracles.focal_loss(x, t, alpha=alpha, gamma=gamma, reduction=reduction)
+    assert oracles.rel_err(got, want) < 1e-5
+
+
+def test_focal_matches_optax():
+    x, t = make(5)
+    np.testing.assert_allclose(
+        jaxent.focal_loss(x, t, reduction="none"),
+        optax.losses.sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+@pytest.mark.parametrize("gamma", [0.3, 2.0])
+def test_focal_gradients_finite_when_saturated(gamma):
+    x = jnp.array([-200.0, -30.0, 0.0, 30.0, 200.0], F32)
+    for t in (jnp.ones(5), jnp.zeros(5), jnp.full(5, 0.3)):
+        g = jax.grad(lambda x, t=t: jaxent.focal_loss(x, t, gamma=gamma, reduction="sum"))(x)
+        assert np.all(np.isfinite(g))
+
+
+def test_focal_gradient_matches_finite_differences():
+    x, t = make(6, shape=(6,), scale=2.0, dtype=jnp.float64)
+    check_grads(lambda x: jaxent.focal_loss(x, t, gamma=1.5), (x,), order=1, modes=["rev"])
+
+
+def test_where_drops_elements_and_their_gradients():
+    x, t = make(7)
+    x = x.at[0, 0].set(jnp.nan)
+    mask = jnp.ones((4, 5), bool).at[0, 0].set(False)
+    loss, g = jax.value_and_grad(lambda x: jaxent.binary_cross_entropy(x, t, where=mask))(x)
+    assert np.isfinite(loss) and g[0, 0] == 0 and np.all(np.isfinite(g))
+    empty = jaxent.focal_loss(x, t, where=jnp.zeros((4, 5), bool))
+    assert empty == 0
+
+
+@pytest.mark.parametrize(
+    ("fn", "kwargs", "error", "match"),
+    [
+        (jaxent.binary_cross_entropy, {"targets": jnp.zeros(3)}, ValueError, "`targets` must"),
+        (jaxent.binary_cross_entropy, {"pos_weight": jnp.ones(4)}, ValueError, "`pos_weight`"),
+        (jaxent.binary_cross_entropy, {"label_smoothing": 2.0}, ValueError, "`label_smoothing`"),
+        (jaxent.binary_cross_entropy, {"reduction": "x"}, ValueError, "`reduction` must be"),
+        (jaxent.focal_loss, {"gamma": -1.0}, ValueError, "`gamma` must be >= 0"),
+        (jaxent.focal_loss, {"alpha": 2.0}, ValueError, "`alpha` must be <= 1"),
+        (jaxent.focal_loss, {"where": jnp.ones(5, int)}, TypeError, "`where` must be a boolean"),
+    ],
+)
+def test_errors_name_the_argument(fn, kwargs, error, match):
+    args = {"logits": jnp.zeros((2, 5)), "targets": jnp.zeros((2, 5))}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        fn(args.pop("logits"), args.pop("targets"), **args)

@@ -1,0 +1,73 @@
+"""kl_divergence against a float64 oracle (Hinton-style distillation, T²-scaled)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import jaxent
+
+from . import oracles
+
+F32 = jnp.float32
+
+
+def make(seed, shape=(3, 4, 6)):
+    ks, kt = jax.random.split(jax.random.PRNGKey(seed))
+    return jax.random.normal(ks, shape, F32) * 2, jax.random.normal(kt, shape, F32) * 2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_matches_oracle(temperature, reduction):
+    s, t = make(0)
+    got = jaxent.kl_divergence(s, t, temperature=temperature, reduction=reduction)
+    want = oracles.kl_divergence(s, t, temperature=temperature, reduction=reduction)
+    assert oracles.rel_err(got, want) < 1e-5
+
+
+def test_matches_optax():
+    s, t = make(1, (5, 7))
+    want = optax.losses.kl_divergence(jax.nn.log_softmax(s), jax.nn.softmax(t))
+    np.testing.assert_allclose(jaxent.kl_divergence(s, t, reduction="none"), want, rtol=1e-5)
+
+
+def test_gradients_flow_to_both_and_match_finite_differences():
+    s, t = make(2, (2, 5))
+    s, t = s.astype(jnp.float64), t.astype(jnp.float64)
+    check_grads(
+        lambda a, b: jaxent.kl_divergence(a, b, temperature=2.0), (s, t), order=1, modes=["rev"]
+    )
+    gs, gt = jax.grad(lambda a, b: jaxent.kl_divergence(a, b), argnums=(0, 1))(s, t)
+    assert np.any(gs != 0) and np.any(gt != 0)
+    frozen = jax.grad(lambda b: jaxent.kl_divergence(s, jax.lax.stop_gradient(b)))(t)
+    assert np.all(frozen == 0)
+
+
+def test_minus_inf_targets_contribute_zero():
+    s, t = make(3, (2, 5))
+    t = t.at[0, 1].set(-jnp.inf)
+    got, g = jax.value_and_grad(lambda a: jaxent.kl_divergence(a, t, reduction="sum"))(s)
+    want = oracles.kl_divergence(s, t, reduction="sum")
+    assert np.isfinite(got) and oracles.rel_err(got, want) < 1e-5
+    assert np.all(np.isfinite(g))
+    unreachable = jaxent.kl_divergence(s.at[1, 0].set(-jnp.inf), t, reduction="none")
+    assert unreachable[1] == np.inf
+
+
+def test_where_positions_and_self_divergence():
+    s, t = make(4, (4, 5))
+    mask = jnp.array([True, False, True, False])
+    got = jaxent.kl_divergence(s, t, where=mask)
+    want = oracles.kl_divergence(s, t, where=mask)
+    assert oracles.rel_err(got, want) < 1e-5
+    np.testing.assert_allclose(jaxent.kl_divergence(s, s, reduction="none"), 0, atol=1e-6)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="`temperature` must be > 0"):
+        jaxent.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 3)), temperature=0.0)
+    with pytest.raises(ValueError, match="`target_logits` must have shape"):
+        jaxent.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 4)))

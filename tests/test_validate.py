@@ -1,0 +1,47 @@
+"""jaxent.validate: the opt-in run-time label check."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import checkify
+
+import jaxent
+
+
+def test_valid_labels_pass_through():
+    labels = jnp.array([[0, 3], [-100, 2]])
+    assert jaxent.validate(labels, 4, ignore_index=-100) is labels
+
+
+def test_names_first_bad_position_and_value():
+    labels = jnp.array([[0, 3], [7, -2]])
+    with pytest.raises(ValueError, match=r"2 value\(s\) outside \[0, 4\).*first is 7 at position"):
+        jaxent.validate(labels, 4)
+
+
+def test_where_excludes_padding():
+    labels = jnp.array([1, 99, 2])
+    jaxent.validate(labels, 3, where=jnp.array([True, False, True]))
+    with pytest.raises(ValueError, match="99 at position"):
+        jaxent.validate(labels, 3)
+
+
+def test_under_jit_with_checkify():
+    @jax.jit
+    def step(labels):
+        return jaxent.cross_entropy(jnp.zeros((3, 4)), jaxent.validate(labels, 4))
+
+    checked = checkify.checkify(step)
+    err, _ = checked(jnp.array([0, 1, 2]))
+    err.throw()  # no error
+    err, loss = checked(jnp.array([0, 5, 2]))
+    assert jnp.isnan(loss)
+    with pytest.raises(Exception, match=r"label 5 at position \[1\] is outside \[0, 4\)"):
+        err.throw()
+
+
+def test_argument_errors():
+    with pytest.raises(TypeError, match="`labels` must have an integer dtype"):
+        jaxent.validate(jnp.zeros(3), 4)
+    with pytest.raises(ValueError, match="`num_classes` must be >= 1"):
+        jaxent.validate(jnp.zeros(3, int), 0)
