@@ -77,7 +77,7 @@ def test_one_pass_backward_matches_autodiff(softcap, smoothing, masked, weighted
     ct = jax.tree.unflatten(
         jax.tree.structure(want),
         [
-            jax.random.normal(k, leaf.shape)
+            jax.random.normal(k, leaf.shape, leaf.dtype)
             for k, leaf in zip(keys, jax.tree.leaves(want), strict=True)
         ],
     )
