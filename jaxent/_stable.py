@@ -130,7 +130,7 @@ def first_argmax(z: jax.Array, offset, vocab_axis_name) -> jax.Array:
 def row_max(z: jax.Array, offset, with_argmax: bool = True):
     """(row max, global id of its first occurrence or None); -inf where nothing is kept.
     The argmax is a second reduction: skip it unless accuracy is wanted."""
-    first = jnp.argmax(z, axis=-1) + offset if with_argmax else None
+    first = jnp.argmax(z, axis=-1).astype(jnp.int32) + offset if with_argmax else None
     return jnp.max(z, axis=-1), first
 
 

@@ -59,7 +59,7 @@ class Operands(NamedTuple):
 
 
 def _blocks(ops: Operands):
-    offsets = jnp.arange(ops.w.shape[0]) * ops.w.shape[1]
+    offsets = jnp.arange(ops.w.shape[0], dtype=jnp.int32) * ops.w.shape[1]
     return offsets, ops.w, ops.bias, ops.class_weights, ops.class_mask, ops.logit_mask
 
 
@@ -121,7 +121,7 @@ def _statistics(st: Static, ops: Operands):
     )
     total = jax.tree.map(lambda a: varying_like(jnp.zeros_like(a), refs), template)
     best = varying_like(jnp.full((n,), -jnp.inf, dtype), refs)
-    first = varying_like(jnp.zeros((n,), ops.labels.dtype), refs) if st.with_argmax else None
+    first = varying_like(jnp.zeros((n,), jnp.int32), refs) if st.with_argmax else None
     (total, best, first), _ = lax.scan(step, (total, best, first), _blocks(ops))
 
     if st.vocab_axis_name is not None:

@@ -1,0 +1,168 @@
+"""linear_cross_entropy: one shared suite run against every implementation.
+
+The oracle for the fused paths is the materialised "xla" reference on the same inputs
+(itself checked against float64 NumPy in test_reference.py).
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxent
+
+from .. import oracles
+
+F32 = jnp.float32
+IMPLS = ["chunked", "lean", None]
+
+
+def make(seed, lead=(37,), d=16, v=203, dtype=F32):
+    kx, kw, ky, kb = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(kx, lead + (d,), F32).astype(dtype)
+    w = (jax.random.normal(kw, (v, d), F32) * 0.5).astype(dtype)
+    labels = jax.random.randint(ky, lead, 0, v, jnp.int32)
+    bias = jax.random.normal(kb, (v,), F32).astype(dtype) * 0.1
+    return x, w, labels, bias
+
+
+OPTIONS = {
+    "plain": {},
+    "smooth_z_cap": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0},
+    "weights_ignore": {"class_weights": True, "ignore_index": 3},
+    "traced_scalars": {"label_smoothing": jnp.float32(0.2), "z_loss": jnp.float32(1e-2)},
+    "positions_mask": {"where": "positions", "label_smoothing": 0.05},
+    "logits_mask": {"where": "logits", "class_weights": True},
+}
+
+
+def resolve(opts, labels, v):
+    opts = dict(opts)
+    if opts.get("class_weights") is True:
+        opts["class_weights"] = jnp.linspace(0.5, 2.0, v, dtype=F32)
+    if opts.get("where") == "positions":
+        opts["where"] = jax.random.uniform(jax.random.PRNGKey(9), labels.shape) > 0.3
+    if opts.get("where") == "logits":
+        mask = jax.random.uniform(jax.random.PRNGKey(9), labels.shape + (v,)) > 0.2
+        opts["where"] = mask | jax.nn.one_hot(labels, v, dtype=bool)
+    return opts
+
+
+def loss_and_grads(impl, x, w, labels, bias, reduction, cotangent, block_size, **opts):
+    def f(x, w, bias):
+        loss = jaxent.linear_cross_entropy(
+            x,
+            w,
+            labels,
+            bias=bias,
+            reduction=reduction,
+            implementation=impl,
+            block_size=block_size,
+            **opts,
+        )
+        return jnp.vdot(cotangent, loss) if reduction == "none" else loss * cotangent
+
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, bias)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_matches_reference(impl, name, reduction):
+    x, w, labels, bias = make(0)
+    opts = resolve(OPTIONS[name], labels, w.shape[0])
+    key = jax.random.PRNGKey(1)
+    cot = jax.random.normal(key, labels.shape, F32) if reduction == "none" else jnp.float32(1.7)
+    block = None if impl is None else (8 if impl == "chunked" else 32)
+    got = loss_and_grads(impl, x, w, labels, bias, reduction, cot, block, **opts)
+    want = loss_and_grads("xla", x, w, labels, bias, reduction, cot, None, **opts)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        assert oracles.rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["chunked", "lean"])
+def test_bfloat16_matches_reference(impl):
+    x, w, labels, bias = make(2, dtype=jnp.bfloat16)
+    got = loss_and_grads(impl, x, w, labels, bias, "mean", jnp.float32(1), 16, label_smoothing=0.1)
+    want = loss_and_grads(
+        "xla", x, w, labels, bias, "mean", jnp.float32(1), None, label_smoothing=0.1
+    )
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    assert loss.dtype == F32 and oracles.rel_err(loss, ref_loss) < 1e-3
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert a.dtype == jnp.bfloat16
+        assert oracles.rel_err(a.astype(F32), b.astype(F32)) < 1e-2
+
+
+@pytest.mark.parametrize("impl", ["chunked", "lean"])
+@pytest.mark.parametrize("lead", [(2, 3), (5,), (0,)])
+def test_leading_dims_small_and_empty_batches(impl, lead):
+    x, w, labels, bias = make(3, lead=lead, v=50)
+    got = loss_and_grads(impl, x, w, labels, bias, "mean", jnp.float32(1), 64)
+    want = loss_and_grads("xla", x, w, labels, bias, "mean", jnp.float32(1), None)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.shape == b.shape and oracles.rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["chunked", "lean"])
+def test_aux_matches_reference(impl):
+    x, w, labels, bias = make(4)
+    labels = labels.at[0].set(-100)
+    kw = dict(bias=bias, ignore_index=-100, z_loss=1e-2, return_aux=True)
+    loss, aux = jaxent.linear_cross_entropy(x, w, labels, implementation=impl, block_size=16, **kw)
+    ref_loss, ref = jaxent.linear_cross_entropy(x, w, labels, implementation="xla", **kw)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for name in ("lse", "z_loss", "accuracy", "weight_sum"):
+        np.testing.assert_allclose(getattr(aux, name), getattr(ref, name), rtol=1e-5)
+    assert int(aux.num_valid) == int(ref.num_valid) == 36
+
+
+def test_default_falls_back_from_pallas():
+    x, w, labels, _ = make(5)
+    with pytest.raises(NotImplementedError, match="no Pallas kernel"):
+        jaxent.linear_cross_entropy(x, w, labels, implementation="pallas")
+    np.testing.assert_allclose(
+        jaxent.linear_cross_entropy(x, w, labels),
+        jaxent.linear_cross_entropy(x, w, labels, implementation="chunked"),
+        rtol=1e-6,
+    )
+
+
+def test_vmap_jit_and_no_retrace():
+    x, w, labels, _ = make(6, lead=(3, 8))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, labels, eps):
+        return jaxent.linear_cross_entropy(x, w, labels, label_smoothing=eps, block_size=4)
+
+    for eps in (0.0, 0.1, 0.2):
+        f(x, labels, jnp.float32(eps))
+    batched = jax.vmap(lambda a, b: jaxent.linear_cross_entropy(a, w, b))(x, labels)
+    looped = jnp.stack([jaxent.linear_cross_entropy(x[i], w, labels[i]) for i in range(3)])
+    np.testing.assert_allclose(batched, looped, rtol=1e-5)
+    eager = jaxent.linear_cross_entropy(x, w, labels, label_smoothing=0.1, block_size=4)
+    np.testing.assert_allclose(f(x, labels, jnp.float32(0.1)), eager, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"w": jnp.zeros((10, 3))}, ValueError, r"`w` must have shape \(V, D\) with D = .* = 4"),
+        ({"w": jnp.zeros((4, 10))}, ValueError, "A Flax Dense kernel"),
+        ({"labels": jnp.zeros((5,), F32)}, TypeError, "`labels` must have an integer dtype"),
+        ({"labels": jnp.zeros((4,), int)}, ValueError, r"`labels` must have shape \(5,\)"),
+        ({"bias": jnp.zeros(9)}, ValueError, r"`bias` must have shape \(10,\)"),
+        ({"implementation": "cuda"}, ValueError, "`implementation` must be one of"),
+        ({"block_size": 0}, ValueError, "`block_size` must be a positive int"),
+        ({"x": jnp.zeros((5, 4), int)}, TypeError, "`x` must have a floating dtype"),
+        ({"where": jnp.ones((5, 9), bool)}, ValueError, "`where` must be broadcastable"),
+    ],
+)
+def test_errors_name_the_argument(kwargs, error, match):
+    args = {"x": jnp.zeros((5, 4)), "w": jnp.zeros((10, 4)), "labels": jnp.zeros(5, int)}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        jaxent.linear_cross_entropy(args.pop("x"), args.pop("w"), args.pop("labels"), **args)

@@ -1,0 +1,55 @@
+"""Memory of the fused implementations, from the compiled program (deterministic).
+
+D=256, V=32000, float32: the (N, V) logits alone are N * V * 4 bytes.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxent
+from jaxent.linear.api import default_block_size
+
+D, V = 256, 32000
+
+
+def temp_bytes(impl, n, grad=True):
+    def loss(x, w, y):
+        return jaxent.linear_cross_entropy(x, w, y, implementation=impl)
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1)) if grad else loss
+    args = (
+        jax.ShapeDtypeStruct((n, D), jnp.float32),
+        jax.ShapeDtypeStruct((V, D), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    if analysis is None:
+        pytest.skip("memory_analysis() is not available on this backend")
+    return analysis.temp_size_in_bytes
+
+
+def test_default_memory_bounds_on_cpu():
+    logits_bytes = 8192 * V * 4
+    small, large = temp_bytes(None, 2048), temp_bytes(None, 8192)
+    assert large <= 0.25 * logits_bytes
+    assert large <= 1.5 * small
+    xla_small, xla_large = temp_bytes("xla", 2048), temp_bytes("xla", 8192)
+    assert xla_large >= 3.5 * xla_small  # the materialised path grows with N * V
+    assert large < xla_large / 10
+
+
+def test_lean_never_holds_a_float32_copy_of_w():
+    assert temp_bytes("lean", 8192) < V * D * 4
+
+
+def test_forward_only_does_no_gradient_work():
+    # A forward pass holds no dw accumulator (V x D float32) and no per-block gradient.
+    forward = temp_bytes("chunked", 8192, grad=False)
+    assert forward + V * D * 4 <= temp_bytes("chunked", 8192)
+
+
+def test_default_block_size():
+    assert default_block_size(10_000, 32000, "cpu") * 32000 * 4 <= 16 << 20
+    assert default_block_size(3, 32000, "cpu") == 8
+    assert default_block_size(100_000, 128256, "gpu") == 2048
