@@ -1,0 +1,1 @@
+"""jaxent benchmarks: `python -m benchmarks --help`."""

@@ -1,0 +1,82 @@
+"""Suite `linear`: the fused head, forward + backward of the mean loss w.r.t. x and w.
+
+Floor: the three matmuls of the same shapes (logits = x @ w.T, dx = g @ w,
+dw = g.T @ x; inputs' dtype, float32 accumulation). Reference for errors: the
+materialised "xla" implementation on float64 (CPU) or float32 (elsewhere) inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxent
+
+from .timing import measure
+
+
+def _jaxent(impl):
+    return lambda x, w, y: jaxent.linear_cross_entropy(x, w, y, implementation=impl)
+
+
+def optax_materialised(x, w, y):
+    logits = x @ w.T  # logits in the inputs' dtype, as a plain JAX model produces them
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+IMPLEMENTATIONS = {
+    "jaxent default": _jaxent(None),
+    "jaxent chunked": _jaxent("chunked"),
+    "jaxent lean": _jaxent("lean"),
+    "jaxent xla": _jaxent("xla"),
+    "optax (materialised)": optax_materialised,
+}
+
+
+def three_matmuls(x, w, g):
+    f32 = jnp.float32
+    logits = jnp.dot(x, w.T, preferred_element_type=f32).astype(x.dtype)
+    dx = jnp.dot(g, w, preferred_element_type=f32).astype(x.dtype)
+    dw = jnp.dot(g.T, x, preferred_element_type=f32).astype(w.dtype)
+    return logits, dx, dw
+
+
+def inputs(n, d, v, dtype, seed=0):
+    kx, kw, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(kx, (n, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (v, d), jnp.float32) / d**0.5).astype(dtype)
+    return x, w, jax.random.randint(ky, (n,), 0, v, jnp.int32)
+
+
+def rel_err(a, b):
+    a, b = jnp.asarray(a, b.dtype), jnp.asarray(b)
+    return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
+def run(case, repeats: int, ref_dtype) -> list[dict]:
+    n, d, v, dtype = case
+    x, w, y = inputs(n, d, v, jnp.dtype(dtype))
+    g = (jax.random.normal(jax.random.PRNGKey(1), (n, v), jnp.float32) * 1e-3).astype(x.dtype)
+    floor = measure(three_matmuls, (x, w, g), repeats)
+    del g
+    ref_step = jax.jit(jax.value_and_grad(_jaxent("xla"), argnums=(0, 1)))
+    ref_loss, ref_grads = ref_step(x.astype(ref_dtype), w.astype(ref_dtype), y)
+    rows = []
+    shape = {"N": n, "D": d, "V": v, "dtype": dtype}
+    for name, loss_fn in IMPLEMENTATIONS.items():
+        step = jax.value_and_grad(loss_fn, argnums=(0, 1))
+        try:
+            result = measure(step, (x, w, y), repeats)
+        except Exception as err:  # e.g. out of memory for a materialised baseline
+            print(f"  {name}: skipped ({type(err).__name__}: {str(err)[:120]})")
+            continue
+        loss, (dx, dw) = jax.jit(step)(x, w, y)
+        rows.append({
+            "suite": "linear", "implementation": name, **shape, **result,
+            "floor_seconds": floor["seconds"], "floor": "three matmuls of the same shapes",
+            "ratio": result["seconds"] / floor["seconds"],
+            "loss_rel_err": rel_err(loss, ref_loss),
+            "grad_rel_err": max(rel_err(dx, ref_grads[0]), rel_err(dw, ref_grads[1])),
+        })  # fmt: skip
+    return rows

@@ -1,0 +1,59 @@
+"""Suite `plain`: losses on given logits, forward + backward of the mean loss.
+
+Floor: one read + one write pass over the logits (a jitted `2 * x`), the least any
+functional loss's backward must move. Reference for errors: log-softmax + gather in
+float64 on CPU (float32 elsewhere), on the same (rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxent
+
+from .timing import measure
+
+
+def naive_loss(x, y):
+    lp = jax.nn.log_softmax(x, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(lp, y[:, None], axis=-1))
+
+
+IMPLEMENTATIONS = {
+    "jaxent": lambda x, y: jaxent.cross_entropy(x, y),
+    "optax": lambda x, y: optax.losses.softmax_cross_entropy_with_integer_labels(x, y).mean(),
+    "naive jnp": naive_loss,
+}
+
+
+def inputs(n, c, dtype, seed=0):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    x = (jax.random.normal(kx, (n, c), jnp.float32) * 2).astype(dtype)
+    return x, jax.random.randint(ky, (n,), 0, c, jnp.int32)
+
+
+def rel_err(a, b):
+    a, b = jnp.asarray(a, b.dtype), jnp.asarray(b)
+    return float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel()))
+
+
+def run(case, repeats: int, ref_dtype) -> list[dict]:
+    n, c, dtype = case
+    x, y = inputs(n, c, jnp.dtype(dtype))
+    ref_loss, ref_grad = jax.jit(jax.value_and_grad(naive_loss))(x.astype(ref_dtype), y)
+    floor = measure(lambda x: 2 * x, (x,), repeats)
+    rows = []
+    shape = {"N": n, "C": c, "dtype": dtype}
+    for name, loss_fn in IMPLEMENTATIONS.items():
+        step = jax.value_and_grad(loss_fn)
+        result = measure(step, (x, y), repeats)
+        loss, grad = jax.jit(step)(x, y)
+        rows.append({
+            "suite": "plain", "implementation": name, **shape, **result,
+            "floor_seconds": floor["seconds"], "floor": "one read+write pass over the logits",
+            "ratio": result["seconds"] / floor["seconds"],
+            "loss_rel_err": rel_err(loss, ref_loss), "grad_rel_err": rel_err(grad, ref_grad),
+        })  # fmt: skip
+    return rows
