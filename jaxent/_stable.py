@@ -171,11 +171,12 @@ def safe_shift(best: jax.Array) -> jax.Array:
     return lax.stop_gradient(jnp.where(jnp.isneginf(best), 0, best))
 
 
-def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Partial:
+def block_partial(z, labels, offset, m, class_weights, smoothing: bool, e=None) -> Partial:
     """Partial sums of one block of prepared logits (class ids offset..offset+C).
 
     The label's logit and weight are gathered (O(N)), not found by comparing every
     class id with the label (O(N·C)); a label outside the block contributes 0.
+    `e`, when given, is exp(z - m) already computed by the caller.
     """
     dtype = z.dtype
     local = labels - offset
@@ -189,7 +190,7 @@ def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Parti
         keep = kept(z)
         kw = keep.astype(dtype) if w is None else jnp.where(keep, w, 0)
     return Partial(
-        s=jnp.sum(jnp.exp(z - m[..., None]), axis=-1),
+        s=jnp.sum(jnp.exp(z - m[..., None]) if e is None else e, axis=-1),
         z_label=jnp.where(hit, z_label, 0),
         label_hits=hit.astype(dtype),
         w_label=None if w is None else jnp.where(in_block, w[local], 0),
@@ -200,61 +201,84 @@ def block_partial(z, labels, offset, m, class_weights, smoothing: bool) -> Parti
 
 
 def logit_partial(logits, labels, offset, m, class_weights, logit_mask, softcap, smoothing):
-    """`block_partial(prepare_logits(logits, logit_mask, softcap), ...)` from raw logits.
+    """`block_partial(prepare_logits(logits, logit_mask, softcap), ...)` from raw logits,
+    with a backward that writes the logits' gradient in one elementwise pass.
 
-    On accelerators its backward writes the logits' gradient in one elementwise pass
-    over the logits: autodiff would store exp(z - m) (a float32 copy of the logits)
-    and scatter the label's gradient; here the backward recomputes exp from the
-    logits and the cotangents of the few per-row sums (how the loss depends on them
-    is left to autodiff of `finish_rows`, O(N)). Per element that is 4 bytes moved
-    instead of 7 for bfloat16 logits. On CPU, where XLA's elementwise loops are
-    compute-bound, plain autodiff measured faster (N=4096, C=1000 float32: the
-    recompute was 2x slower) and is used. No gradient flows to `class_weights`.
+    Autodiff would write a float32 gradient, scatter the label's share into it and
+    convert it to the logits' dtype: three passes. Here the backward is one fused
+    pass from the cotangents of the few per-row sums (how the loss depends on them is
+    left to autodiff of `finish_rows`, O(N)). Where exp(z - m) comes from depends on
+    the backend:
+
+    - accelerators (memory-bound): recomputed from the logits, so nothing logits-sized
+      is stored; per element the backward moves 4 bytes for bfloat16 logits.
+    - CPU (compute-bound elementwise loops): the forward's float32 exp(z - m) is saved
+      and reused, because recomputing exp measured 2x slower there (N=4096, C=1000).
+
+    No gradient flows to `class_weights`.
     """
-
-    def autodiff(logits, labels, offset, m, class_weights, logit_mask):
-        z = prepare_logits(logits, logit_mask, softcap)
-        return block_partial(z, labels, offset, m, class_weights, smoothing)
-
-    def one_pass(logits, labels, offset, m, class_weights, logit_mask):
-        return _logit_partial(
-            softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask
-        )
-
     args = (logits, labels, offset, lax.stop_gradient(m), class_weights, logit_mask)
-    return lax.platform_dependent(*args, cpu=autodiff, default=one_pass)
+
+    def saved_exp(*args):
+        return _logit_partial(softcap, smoothing, True, *args)
+
+    def recompute(*args):
+        return _logit_partial(softcap, smoothing, False, *args)
+
+    return lax.platform_dependent(*args, cpu=saved_exp, default=recompute)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _logit_partial(softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask):
+def _prepared_exp(logits, m, logit_mask, softcap):
     z = prepare_logits(logits, logit_mask, softcap)
-    return block_partial(z, labels, offset, m, class_weights, smoothing)
+    return z, jnp.exp(z - m[..., None])
 
 
-def _logit_partial_fwd(softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask):
-    out = _logit_partial(softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask)
-    return out, (logits, labels, offset, m, class_weights, logit_mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _logit_partial(
+    softcap, smoothing, save_exp, logits, labels, offset, m, class_weights, logit_mask
+):
+    z, e = _prepared_exp(logits, m, logit_mask, softcap)
+    return block_partial(z, labels, offset, m, class_weights, smoothing, e)
 
 
-def _logit_partial_bwd(softcap, smoothing, residuals, ct: Partial):
+def _logit_partial_fwd(
+    softcap, smoothing, save_exp, logits, labels, offset, m, class_weights, logit_mask
+):
+    z, e = _prepared_exp(logits, m, logit_mask, softcap)
+    out = block_partial(z, labels, offset, m, class_weights, smoothing, e)
+    saved = e if save_exp else None
+    return out, (logits, labels, offset, m, class_weights, logit_mask, saved, out.label_hits > 0)
+
+
+def _logit_partial_bwd(softcap, smoothing, save_exp, residuals, ct: Partial):
     """d/dz of each sum: s -> exp(z - m); z_label -> [c == y]; below_max -> -w[c]
     (kept logits only); then the soft-cap's slope 1 - tanh²."""
-    logits, labels, offset, m, class_weights, logit_mask = residuals
+    logits, labels, offset, m, class_weights, logit_mask, e, hit = residuals
     x = logits.astype(compute_dtype(logits.dtype))
-    keep = x != -jnp.inf
-    if logit_mask is not None:
-        keep = keep & logit_mask
+    keep = None
+    if not save_exp or smoothing or softcap is not None or logit_mask is not None:
+        keep = x != -jnp.inf
+        if logit_mask is not None:
+            keep = keep & logit_mask
     z, slope = x, None
     if softcap is not None:
         t = jnp.tanh(jnp.where(keep, x, 0) / softcap)
         z, slope = softcap * t, 1 - t * t
+    if e is None:
+        e = jnp.exp(jnp.where(keep, z, -jnp.inf) - m[..., None])
+    # A dropped logit has e = 0 and is never the label of a hit row, so without
+    # smoothing, softcap or mask `keep` is not needed: the plain CPU case reads only e.
     ids = lax.broadcasted_iota(labels.dtype, (x.shape[-1],), 0) + offset
-    dz = ct.s[..., None] * jnp.exp(jnp.where(keep, z, -jnp.inf) - m[..., None])
-    dz = dz + jnp.where(ids == labels[..., None], ct.z_label[..., None], 0)
+    dz = ct.s[..., None] * e
+    at_label = (ids == labels[..., None]) & hit[..., None]
+    dz = dz + jnp.where(at_label, ct.z_label[..., None], 0)
     if smoothing:
         w = 1 if class_weights is None else class_weights.astype(x.dtype)
         dz = dz - ct.below_max[..., None] * w
-    dz = jnp.where(keep, dz if slope is None else dz * slope, 0)
+    if slope is not None:
+        dz = dz * slope
+    if keep is not None:
+        dz = jnp.where(keep, dz, 0)
     return dz.astype(logits.dtype), None, None, None, None, None
 
 
@@ -351,10 +375,14 @@ def categorical_rows(
     logits of 1e30. Computed in three steps shared with `linear_cross_entropy`:
     `row_max` (the shift), `block_partial` (additive sums), `finish_rows`.
     """
-    z = prepare_logits(logits, logit_mask, softcap)
     num_local = logits.shape[-1]
     offset = class_offset(num_local, vocab_axis_name)
-    best, first = shard_max(*row_max(z, offset, with_argmax), vocab_axis_name)
+    # Without softcap or mask z is the upcast logits, and the max (exact in any dtype)
+    # is taken on the logits themselves: no float32 copy is formed to reduce over.
+    plain = softcap is None and logit_mask is None
+    z = logits if plain else prepare_logits(logits, logit_mask, softcap)
+    best, first = row_max(z, offset, with_argmax)
+    best, first = shard_max(best.astype(compute_dtype(logits.dtype)), first, vocab_axis_name)
     partial = logit_partial(
         logits,
         labels,

@@ -47,13 +47,15 @@ def test_label_outside_block_contributes_nothing():
     np.testing.assert_array_equal(p.z_label, 0)
 
 
+@pytest.mark.parametrize("save_exp", [False, True])
 @pytest.mark.parametrize("softcap", [None, 2.5])
 @pytest.mark.parametrize("smoothing", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_one_pass_backward_matches_autodiff(softcap, smoothing, masked, weighted):
-    """The accelerator backward of `logit_partial` (run here on CPU) against autodiff of
-    the same forward, for random cotangents of every per-row sum."""
+def test_one_pass_backward_matches_autodiff(save_exp, softcap, smoothing, masked, weighted):
+    """Both one-pass backwards of `logit_partial` (accelerators recompute exp, CPU saves
+    it; both run here on CPU) against autodiff of the same forward, for random
+    cotangents of every per-row sum."""
     n, c, offset = 7, 13, 5
     x = _logits(6, (n, c)).at[1, 3].set(-jnp.inf).at[2].set(-jnp.inf)
     labels = jnp.array([5, 9, 17, 30, 2, 11, 8])  # 30 and 2 fall outside this block
@@ -67,7 +69,9 @@ def test_one_pass_backward_matches_autodiff(softcap, smoothing, masked, weighted
         return _stable.block_partial(z, labels, offset, m, weights, smoothing)
 
     def one_pass(x):
-        return _stable._logit_partial(softcap, smoothing, x, labels, offset, m, weights, mask)
+        return _stable._logit_partial(
+            softcap, smoothing, save_exp, x, labels, offset, m, weights, mask
+        )
 
     want, vjp_want = jax.vjp(autodiff, x)
     got, vjp_got = jax.vjp(one_pass, x)
