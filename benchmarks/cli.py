@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -69,9 +70,26 @@ def attach_floors(extra, rows):
     return extra
 
 
+def run_sharding(args) -> dict:
+    """The sharding suite needs 8 host devices, which XLA_FLAGS must request before JAX
+    starts: run it in a subprocess with the flag set."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    out = args.out or Path(__file__).parent / "results" / "cpu"
+    cmd = [sys.executable, "-m", "benchmarks.sharding", "--out", str(out)]
+    cmd += ["--quick"] if args.quick else []
+    subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads((out / "sharding.json").read_text())
+
+
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--suite", choices=["plain", "linear", "all"], default="all")
+    p.add_argument(
+        "--suite",
+        choices=["plain", "linear", "all", "sharding"],
+        default="all",
+        help="all = plain + linear; sharding = communication volume on 8 simulated CPU devices",
+    )
     p.add_argument(
         "--shapes",
         choices=shapes.NAMES,
@@ -91,6 +109,8 @@ def parse(argv):
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
+    if args.suite == "sharding":
+        return run_sharding(args)
     on_cpu = jax.default_backend() == "cpu"
     if on_cpu:  # float64 references on CPU
         jax.config.update("jax_enable_x64", True)

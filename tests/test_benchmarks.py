@@ -28,3 +28,59 @@ def test_quick_benchmark(tmp_path):
         assert r["temp_bytes"] is None or r["temp_bytes"] >= 0
     assert (tmp_path / "results.md").read_text().count("\n|") >= len(rows)
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+# A hand-written module: an all-gather in a 5-trip loop, an all-reduce, one over groups
+# of one device (moves nothing), a reduce-scatter; the three replica_groups syntaxes.
+HLO = """\
+HloModule m
+
+%body (p: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %p = (s32[], f32[64]{0}) parameter(0)
+  %x = f32[64]{0} get-tuple-element(%p), index=1
+  %g = f32[512]{0} all-gather(%x), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  ROOT %t = (s32[], f32[64]{0}) tuple(%i, %x)
+}
+
+%cond (p: (s32[], f32[64])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[64]) -> f32[64] {
+  %a = f32[64]{0} parameter(0)
+  %r = (f32[64]{0}, f32[64]{0}) all-reduce(%a, %a), replica_groups=[2,4]<=[8], to_apply=%add
+  %one = f32[64]{0} all-reduce(%a), channel_id=3, replica_groups={{0},{1},{2},{3},{4},{5},{6},{7}}
+  %w = (s32[], f32[64]{0}) while(%t0), condition=%cond, body=%body, backend_config={{TRIP}}
+  ROOT %s = f32[64]{0} reduce-scatter(%a), channel_id=4, replica_groups=mesh['x'=2,'y'=4] {'y'}
+}
+"""
+
+
+def test_hlo_collectives_bytes_counts_and_trivial_groups():
+    from benchmarks import hlo
+
+    text = HLO.replace("{{TRIP}}", '{"known_trip_count":{"n":"5"}}')
+    found = {c.kind: c for c in hlo.collectives(text)}
+    assert set(found) == {"all-gather", "all-reduce", "reduce-scatter"}  # groups of 1 dropped
+    assert found["all-gather"] == hlo.Collective("all-gather", 2048, 5, "f32[512]{0}", 8)
+    assert found["all-reduce"].group == found["reduce-scatter"].group == 4
+    assert found["all-reduce"].bytes == 2 * 64 * 4 and found["all-reduce"].count == 1
+    assert found["reduce-scatter"].bytes == 256
+    assert hlo.total_bytes(list(found.values())) == 5 * 2048 + 512 + 256
+    assert hlo.largest(list(found.values()), "all-gather") == 2048
+    ring = 5 * 2048 * 7 / 8 + 512 * 2 * 3 / 4 + 256 * 3 / 4  # (g-1)/g, twice for all-reduce
+    assert hlo.wire_bytes(list(found.values())) == ring
+
+
+def test_sharding_suite_measures_the_gathered_logits():
+    """One case of `--suite sharding`: the baseline all-gathers the logits (and
+    reduce-scatters their gradient); jaxent's vocabulary-parallel loss moves O(N)."""
+    from benchmarks import hlo, sharding
+
+    n, c = 256, 1024
+    case = sharding.plain_case(n, c)
+    baseline = sharding.step_collectives(case, (1, 8), "baseline")
+    jaxent_ = sharding.step_collectives(case, (1, 8), "shard_map")
+    assert hlo.largest(baseline, "all-gather") == n * c * 4
+    assert hlo.largest(jaxent_, "all-gather") == 0
+    assert hlo.total_bytes(jaxent_) <= 8 * 4 * n  # a few floats per position

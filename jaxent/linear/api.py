@@ -13,6 +13,7 @@ from jax import lax
 from .. import _checks
 from .._categorical import aux_from_rows, finish, split_where
 from .._reduce import global_sum, safe_divide
+from .._sharding import CLASSES, HIDDEN, POSITIONS, TABLE, WHERE, manual_if_explicit
 from . import chunked, lean
 from .reference import linear_cross_entropy_xla
 
@@ -162,21 +163,24 @@ def _lean(
     block = block_size or default_vocab_block_size(n, vocab)
     num_blocks = -(-vocab // block)
 
-    def by_class(a, fill=0):  # (V, ...) -> (num_blocks, block, ...)
-        return _cut(a, num_blocks, block, fill)
+    def by_block(a, axis=0, fill=0):
+        return lean.by_block(a, num_blocks, block, axis, fill)
 
-    st = _static(options, return_aux)
+    # Labels become block-ordered ids; `ignore_index` is applied to the original ids first.
+    st = _static(options, return_aux)._replace(ignore_index=None)
+    labels = labels.reshape(n)
+    pmask = jnp.ones((n,), bool) if position_mask is None else position_mask.reshape(n)
+    if options["ignore_index"] is not None:
+        pmask = pmask & (labels != options["ignore_index"])
     ops = lean.Operands(
         x=x.reshape(n, x.shape[-1]),
-        w=by_class(w),
-        bias=by_class(bias),
-        class_weights=by_class(options["class_weights"]),
-        class_mask=by_class(jnp.ones((vocab,), bool), fill=False),
-        labels=labels.reshape(n),
-        position_mask=jnp.ones((n,), bool) if position_mask is None else position_mask.reshape(n),
-        logit_mask=None
-        if logit_mask is None
-        else jnp.moveaxis(by_class(logit_mask.reshape(n, vocab).T, fill=False), -1, 1),
+        w=by_block(w),
+        bias=by_block(bias),
+        class_weights=by_block(options["class_weights"]),
+        class_mask=by_block(jnp.ones((vocab,), bool), fill=False),
+        labels=lean.block_order(labels, vocab, num_blocks, block),
+        position_mask=pmask,
+        logit_mask=None if logit_mask is None else by_block(logit_mask.reshape(n, vocab), 1, False),
         ls=None if st.label_smoothing is not None else options["label_smoothing"],
         zl=None if st.z_loss is not None else options["z_loss"],
     )
@@ -222,6 +226,7 @@ _STATIC = (
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+@manual_if_explicit(HIDDEN, TABLE, POSITIONS, CLASSES, WHERE, CLASSES)
 def _linear_cross_entropy(
     x,
     w,

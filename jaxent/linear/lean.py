@@ -1,13 +1,20 @@
 """Memory-lean `linear_cross_entropy` over blocks of the vocabulary.
 
-The V classes are cut into blocks of Bv (padded; padding classes are dropped logits).
-Forward: one pass over the blocks with an online log-sum-exp — each block's (N, Bv)
-logits update the running row max and the additive sums of `_stable.Partial`
+The V classes are cut into nb blocks of Bv (padded; padding classes are dropped
+logits). Forward: one pass over the blocks with an online log-sum-exp — each block's
+(N, Bv) logits update the running row max and the additive sums of `_stable.Partial`
 (rescaled when the max grows), exactly the statistics `cross_entropy` uses. Backward:
 a second pass recomputes each block's logits and gets their gradient from the same
 `_stable.finish_rows`, by perturbing the saved whole-row sums with the block's own
 sums (value unchanged, derivative that of the block); dx accumulates in float32
-(N x D) and each block's dw is emitted directly in w's dtype.
+(N x D) and each block's dw is written directly in w's dtype.
+
+Block i holds the strided classes i, i + nb, i + 2 nb, ...: when `w`'s rows are split
+over devices (`jax.jit` with a `NamedSharding` on V), every block is split the same
+way and each device works on its own rows, where contiguous blocks would each live on
+one device and make XLA all-gather `w`. Labels are mapped to "block-ordered" ids
+(`block_order`: block i covers i Bv .. i Bv + Bv - 1), so the shared helpers of
+`_stable` still see contiguous ids.
 
 Memory: one (N, Bv) block of float32 logits and its gradient, plus the dx
 accumulator — no (V, D) float32 copy of w. Cost: 4 matmuls (the logits twice).
@@ -42,9 +49,10 @@ from .reference import project
 
 
 class Operands(NamedTuple):
-    """Arrays of one call, classes cut into nb blocks of Bv: x (N, D); w (nb, Bv, D);
-    bias, class_weights (nb, Bv) or None; class_mask (nb, Bv) — False on padding;
-    labels, position_mask (N,); logit_mask (nb, N, Bv) or None; ls, zl as in chunked."""
+    """Arrays of one call, classes cut into nb strided blocks of Bv (`by_block`): x (N, D);
+    w (Bv, nb, D); bias, class_weights (Bv, nb) or None; class_mask (Bv, nb) — False on
+    padding; labels (N,) block-ordered ids (`block_order`); position_mask (N,);
+    logit_mask (N, Bv, nb) or None; ls, zl as in chunked."""
 
     x: jax.Array
     w: jax.Array
@@ -58,9 +66,46 @@ class Operands(NamedTuple):
     zl: jax.Array | None
 
 
-def _blocks(ops: Operands):
-    offsets = jnp.arange(ops.w.shape[0], dtype=jnp.int32) * ops.w.shape[1]
-    return offsets, ops.w, ops.bias, ops.class_weights, ops.class_mask, ops.logit_mask
+def by_block(a: jax.Array | None, num_blocks: int, block: int, axis: int = 0, fill=0):
+    """Split `axis` (the V classes) into (block, num_blocks): class j nb + i lands at
+    [j, i], so block i is index i of the new second axis. Pads V with `fill`; otherwise a
+    reshape (no copy), and a split of V over devices stays a split of every block."""
+    if a is None:
+        return None
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, num_blocks * block - a.shape[axis])
+    a = jnp.pad(a, pad, constant_values=fill)
+    return a.reshape(a.shape[:axis] + (block, num_blocks) + a.shape[axis + 1 :])
+
+
+def block_order(labels: jax.Array, vocab: int, num_blocks: int, block: int) -> jax.Array:
+    """Global class ids -> block-ordered ids. With V local classes per vocabulary shard,
+    class c is local class c % V of shard c // V and sits at [j, i] = divmod(c % V, nb)
+    of its shard's blocks; its block-ordered id is (c // V) nb Bv + i Bv + j. Ids outside
+    [0, V * shards) stay outside [0, nb Bv * shards), so they still give NaN."""
+    shard, local = jnp.divmod(labels, vocab)
+    j, i = jnp.divmod(local, num_blocks)
+    return shard * (num_blocks * block) + i * block + j
+
+
+def _block(ops: Operands, i):
+    """Block i: its first block-ordered id and its slices of the per-class operands."""
+
+    def take(a, axis=1):
+        return None if a is None else lax.dynamic_index_in_dim(a, i, axis, keepdims=False)
+
+    return (
+        i * ops.w.shape[0],
+        take(ops.w),
+        take(ops.bias),
+        take(ops.class_weights),
+        take(ops.class_mask),
+        take(ops.logit_mask, 2),
+    )
+
+
+def _num_blocks(ops: Operands) -> int:
+    return ops.w.shape[1]
 
 
 def _prepare(st: Static, ops: Operands, logits, offset, mb, lmb):
@@ -96,9 +141,9 @@ def _statistics(st: Static, ops: Operands):
     n = ops.x.shape[0]
     dtype = jnp.float64 if ops.x.dtype == jnp.float64 else jnp.float32
 
-    def step(carry, block):
+    def step(carry, i):
         total, best, first = carry
-        offset, wb, bb, cwb, mb, lmb = block
+        offset, wb, bb, cwb, mb, lmb = _block(ops, i)
         z, offset = _prepare(st, ops, project(ops.x, wb, bb), offset, mb, lmb)
         block_best, block_first = row_max(z, offset, st.with_argmax)
         new_best = jnp.maximum(best, block_best)
@@ -122,7 +167,8 @@ def _statistics(st: Static, ops: Operands):
     total = jax.tree.map(lambda a: varying_like(jnp.zeros_like(a), refs), template)
     best = varying_like(jnp.full((n,), -jnp.inf, dtype), refs)
     first = varying_like(jnp.zeros((n,), jnp.int32), refs) if st.with_argmax else None
-    (total, best, first), _ = lax.scan(step, (total, best, first), _blocks(ops))
+    blocks = jnp.arange(_num_blocks(ops), dtype=jnp.int32)
+    (total, best, first), _ = lax.scan(step, (total, best, first), blocks)
 
     if st.vocab_axis_name is not None:
         local_shift = safe_shift(best)
@@ -153,8 +199,9 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
     acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
 
-    def block_grad(carry_dx, block):
-        offset, wb, bb, cwb, mb, lmb = block
+    def block_grad(carry, i):
+        dx, dw, db = carry
+        offset, wb, bb, cwb, mb, lmb = _block(ops, i)
 
         def block_loss(lg):
             # Value: the saved whole-row sums; derivative: that of this block's sums.
@@ -167,25 +214,28 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
         _, vjp = jax.vjp(block_loss, lg)
         (dlogits,) = vjp(g.astype(lg.dtype))
         dl = dlogits.astype(mm)
-        carry_dx = carry_dx + jnp.dot(dl, wb, preferred_element_type=acc)
-        dw = lax.dot_general(dl, ops.x, (((0,), (0,)), ((), ())), preferred_element_type=acc)
-        dw = sum_to_primal_axes(dw, ops.w).astype(ops.w.dtype)
-        db = (
-            None
-            if bb is None
-            else sum_to_primal_axes(jnp.sum(dlogits, axis=0, dtype=acc), ops.bias)
-        )
-        return carry_dx, (dw, db)
+        dx = dx + jnp.dot(dl, wb, preferred_element_type=acc)
+        dwb = lax.dot_general(dl, ops.x, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+        dwb = sum_to_primal_axes(dwb, ops.w).astype(ops.w.dtype)
+        dw = lax.dynamic_update_index_in_dim(dw, dwb, i, 1)
+        if db is not None:
+            dbb = sum_to_primal_axes(jnp.sum(dlogits, axis=0, dtype=acc), ops.bias)
+            db = lax.dynamic_update_index_in_dim(db, dbb.astype(ops.bias.dtype), i, 1)
+        return (dx, dw, db), None
 
-    dx0 = varying_like(jnp.zeros(ops.x.shape, acc), jax.tree.leaves(ops) + [g])
-    dx, (dw, db) = lax.scan(block_grad, dx0, _blocks(ops))
+    refs = jax.tree.leaves(ops) + [g]
+    dx0 = varying_like(jnp.zeros(ops.x.shape, acc), refs)
+    dw0 = varying_like(jnp.zeros_like(ops.w), [ops.w])
+    db0 = None if ops.bias is None else varying_like(jnp.zeros_like(ops.bias), [ops.bias])
+    blocks = jnp.arange(_num_blocks(ops), dtype=jnp.int32)
+    (dx, dw, db), _ = lax.scan(block_grad, (dx0, dw0, db0), blocks)
     if st.vocab_axis_name is not None:
         dx = lax.psum(dx, st.vocab_axis_name)
     return (
         Operands(
             x=sum_to_primal_axes(dx, ops.x).astype(ops.x.dtype),
             w=dw,
-            bias=None if db is None else db.astype(ops.bias.dtype),
+            bias=db,
             class_weights=None,
             class_mask=None,
             labels=None,

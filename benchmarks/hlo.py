@@ -1,0 +1,145 @@
+"""Collectives of a compiled XLA program, read from its HLO text.
+
+`collectives(compiled.as_text())` lists every cross-device operation (all-reduce,
+all-gather, reduce-scatter, all-to-all, collective-permute, and their async -start
+forms) with the bytes it moves per device and how many times it runs per call:
+a collective inside a `while` body (a `lax.scan`) runs once per iteration, so it
+is counted with the loop's known trip count. Per-operation bytes are the larger of
+its operands' and its results' sizes — for an all-gather the gathered array, for a
+reduce-scatter the array before scattering — so an all-gather of the logits shows
+up as a logits-sized number. A collective whose replica groups hold one device each
+(a `psum` over a mesh axis of size 1) moves nothing and is left out.
+
+This is a measurement tool for tests and benchmarks, not part of the library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}  # fmt: skip
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
+_CALLS = re.compile(r"(?:body|condition|calls|to_apply|branch_computations|true_computation|"
+                    r"false_computation)=(?:\{([^}]*)\}|%?([\w.\-]+))")  # fmt: skip
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_GROUPS_LISTED = re.compile(r"replica_groups=\{\{([\d,]*)\}")  # {{0,1},{2,3}}
+_GROUPS_IOTA = re.compile(r"replica_groups=\[[\d,]*?(\d+)\]<=")  # [4,2]<=[8]
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")  # mesh['a'=2] {'a'}
+
+
+def group_size(rest: str) -> int | None:
+    """Devices per replica group of a collective (None when the HLO does not say)."""
+    listed = _GROUPS_LISTED.search(rest)
+    if listed:
+        return len(listed.group(1).split(","))
+    iota = _GROUPS_IOTA.search(rest)
+    if iota:
+        return int(iota.group(1))
+    mesh = _GROUPS_MESH.search(rest)
+    if mesh:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+    return None
+
+
+class Collective(NamedTuple):
+    kind: str  # one of KINDS
+    bytes: int  # per device, per execution
+    count: int  # executions per call of the program (loop trip counts applied)
+    shape: str  # the result type as printed in the HLO
+    group: int | None = None  # devices per replica group, when the HLO says
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of every array type in `text` (a shape or a tuple of shapes)."""
+    return sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+               for t, dims in _ARRAY.findall(text))  # fmt: skip
+
+
+def _parse(hlo: str):
+    """(computation -> its instructions (name, type, opcode, rest of line), entry name)."""
+    comps, current, entry = {}, None, None
+    for line in hlo.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            current = head.group(1)
+            comps[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+            continue
+        inst = _INSTRUCTION.match(line)
+        if inst and current is not None:
+            comps[current].append(inst.groups())
+    return comps, entry
+
+
+def _multiplicities(comps, entry) -> dict:
+    """How many times each computation runs per call: while bodies run trip-count times;
+    every other called computation (fusions, branches, reducers) as often as its caller.
+    A branch is counted as if taken, which can only over-count."""
+    callers = {}  # callee -> [(caller, times per caller run)]
+    for comp, insts in comps.items():
+        for _, _, opcode, rest in insts:
+            found = _TRIP.search(rest) if opcode == "while" else None
+            trip = int(found.group(1)) if found else 1
+            for listed, single in _CALLS.findall(rest):
+                for callee in (c.strip().lstrip("%") for c in (listed or single).split(",")):
+                    callers.setdefault(callee, []).append((comp, trip))
+    runs = {entry: 1}
+
+    def count(comp):
+        if comp not in runs:
+            runs[comp] = 0  # guards against cycles, which HLO does not have
+            runs[comp] = sum(count(caller) * trip for caller, trip in callers.get(comp, ()))
+        return runs[comp]
+
+    for comp in comps:
+        count(comp)
+    return runs
+
+
+def collectives(hlo: str) -> list[Collective]:
+    """Every collective of a compiled module's HLO text (`compiled.as_text()`)."""
+    comps, entry = _parse(hlo)
+    runs = _multiplicities(comps, entry)
+    types = {name: typ for insts in comps.values() for name, typ, _, _ in insts}
+    found = []
+    for comp, insts in comps.items():
+        for _, typ, opcode, rest in insts:
+            kind = opcode.removesuffix("-start")
+            if kind not in KINDS or group_size(rest) == 1:  # groups of one move nothing
+                continue
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+            size = max(shape_bytes(typ), sum(shape_bytes(types.get(o, "")) for o in operands))
+            found.append(Collective(kind, size, runs.get(comp, 1), typ, group_size(rest)))
+    return found
+
+
+def total_bytes(found: list[Collective]) -> int:
+    """Bytes moved per device per call: Σ bytes × executions."""
+    return sum(c.bytes * c.count for c in found)
+
+
+def wire_bytes(found: list[Collective]) -> float:
+    """Bytes each device sends per call with ring algorithms over groups of g devices:
+    an all-reduce sends 2 (g-1)/g of its array, an all-gather, reduce-scatter or
+    all-to-all (g-1)/g of the whole array, a collective-permute all of it."""
+
+    def share(c):
+        if c.kind == "collective-permute" or c.group is None:
+            return 1.0
+        part = (c.group - 1) / c.group
+        return 2 * part if c.kind == "all-reduce" else part
+
+    return sum(c.bytes * c.count * share(c) for c in found)
+
+
+def largest(found: list[Collective], kind: str | None = None) -> int:
+    """The largest single collective (of one kind, if given), in bytes; 0 if none."""
+    return max((c.bytes for c in found if kind in (None, c.kind)), default=0)

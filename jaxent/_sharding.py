@@ -1,0 +1,166 @@
+"""Explicitly sharded inputs under `jax.jit`: the loss runs itself under `shard_map`.
+
+With `jax.make_mesh`'s default (Explicit) axis types an array's type carries its
+sharding, and JAX refuses an operation whose output sharding it cannot resolve
+without collectives — such as gathering each label's logit from a class axis split
+over devices (a `ShardingTypeError`). Inside `shard_map` with `vocab_axis_name` /
+`batch_axis_name` the losses need no such guess, and only per-position statistics
+cross devices. So when the caller passes no axis names and the inputs' types are
+explicitly sharded, `manual_if_explicit` reads the mesh axes off the types and runs
+the same loss core under `shard_map` with those names (SPEC §6: the single-device
+result). Inputs whose types carry no sharding (Auto mesh axes, one device, inside
+the caller's own `shard_map`) go to the core unchanged, and XLA partitions it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# How each positional array argument of a loss core is laid out.
+LOGITS = "logits"  # positions with the class axis at `axis` (class axis last if no `axis`)
+POSITIONS = "positions"  # positions only: labels, a positions mask
+CLASSES = "classes"  # (C,): class weights, bias
+HIDDEN = "hidden"  # positions, then features: `x` of linear_cross_entropy
+TABLE = "table"  # (C, D): `w` of linear_cross_entropy
+WHERE = "where"  # LOGITS or POSITIONS, as the static `where_kind` says
+REPLICATED = None  # scalars and absent (None) arguments
+
+
+def explicit_spec(a) -> tuple | None:
+    """`a`'s PartitionSpec over Explicit mesh axes, one entry per dimension; None if
+    its type carries no such sharding."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not mesh.axis_names:
+        return None
+    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+                if t == AxisType.Explicit}  # fmt: skip
+    spec = tuple(sharding.spec) + (None,) * (a.ndim - len(sharding.spec))
+    used = set(axis_names(spec))
+    return spec if used and used <= explicit else None
+
+
+def axis_names(entries) -> tuple:
+    """The mesh axis names in PartitionSpec entries, flattened, in order."""
+    names = []
+    for entry in entries:
+        if entry is not None:
+            names += list(entry) if isinstance(entry, tuple) else [entry]
+    return tuple(names)
+
+
+class Layout(NamedTuple):
+    """Where a call's positions and classes are split, as PartitionSpec entries."""
+
+    mesh: object
+    positions: tuple  # one entry per position dimension
+    classes: object  # the class axis' entry
+    class_axis: int  # where LOGITS arguments keep their class axis
+    positions_shape: tuple
+    num_classes: int
+
+    def shape(self, role) -> tuple | None:
+        """The full shape of a LOGITS or POSITIONS argument (a `where` may broadcast)."""
+        pos = self.positions_shape
+        if role == LOGITS:
+            return pos[: self.class_axis] + (self.num_classes,) + pos[self.class_axis :]
+        return pos if role == POSITIONS else None
+
+    def spec(self, role) -> P:
+        pos, cls, axis = self.positions, self.classes, self.class_axis
+        if role == LOGITS:
+            return P(*pos[:axis], cls, *pos[axis:])
+        return {
+            POSITIONS: P(*pos),
+            CLASSES: P(cls),
+            HIDDEN: P(*pos, None),
+            TABLE: P(cls, None),
+            REPLICATED: P(),
+        }[role]
+
+    def axis_names(self) -> dict:
+        def one(names):
+            return None if not names else names[0] if len(names) == 1 else names
+
+        return dict(
+            vocab_axis_name=one(axis_names((self.classes,))),
+            batch_axis_name=one(axis_names(self.positions)),
+        )
+
+
+def layout_of(args, roles, axis) -> Layout | None:
+    """The layout read off the types of the LOGITS/HIDDEN anchor and the TABLE; None
+    when neither is explicitly sharded."""
+    anchor = next(i for i, r in enumerate(roles) if r in (LOGITS, HIDDEN))
+    table = next((i for i, r in enumerate(roles) if r == TABLE), None)
+    spec = explicit_spec(args[anchor])
+    table_spec = None if table is None else explicit_spec(args[table])
+    if spec is None and table_spec is None:
+        return None
+    source = args[anchor] if spec is not None else args[table]
+    spec = spec or (None,) * args[anchor].ndim
+    shape = args[anchor].shape
+    if roles[anchor] == LOGITS:
+        positions, classes = spec[:axis] + spec[axis + 1 :], spec[axis]
+        positions_shape, num_classes = shape[:axis] + shape[axis + 1 :], shape[axis]
+    else:
+        positions, classes, axis = spec[:-1], None, args[anchor].ndim - 1
+        positions_shape, num_classes = shape[:-1], args[table].shape[0]
+    if table_spec is not None:
+        classes = table_spec[0]
+    mesh = jax.typeof(source).sharding.mesh
+    return Layout(mesh, positions, classes, axis, positions_shape, num_classes)
+
+
+def manual_if_explicit(*roles):
+    """Decorate a loss core `core(*arrays, **static)` (below its `jax.jit`).
+
+    `roles` gives the layout of each positional argument (trailing ones default to
+    REPLICATED). Every argument is resharded to the layout of the anchor (the first
+    LOGITS or HIDDEN argument, and the TABLE's rows for the classes) — a no-op when the
+    caller's layouts agree. The core's outputs must be scalars or positions-shaped.
+    """
+
+    def decorate(core):
+        @functools.wraps(core)
+        def run(*args, **static):
+            names = (static.get("vocab_axis_name"), static.get("batch_axis_name"))
+            if names != (None, None):  # the caller's own shard_map
+                return core(*args, **static)
+            where = {"logits": LOGITS, "positions": POSITIONS}.get(static.get("where_kind"))
+            arg_roles = [where if r == WHERE else r for r in roles]
+            arg_roles += [REPLICATED] * (len(args) - len(arg_roles))
+            layout = layout_of(args, arg_roles, static.get("axis"))
+            if layout is None:
+                return core(*args, **static)
+            return _shard_mapped(core, args, arg_roles, layout, static)
+
+        return run
+
+    return decorate
+
+
+def _full(a, shape):
+    return a if shape is None or a.shape == shape else jax.numpy.broadcast_to(a, shape)
+
+
+def _shard_mapped(core, args, roles, layout: Layout, static):
+    specs = tuple(
+        layout.spec(REPLICATED if a is None else r) for a, r in zip(args, roles, strict=True)
+    )
+    args = tuple(
+        a if a is None else jax.reshard(_full(a, layout.shape(r)), NamedSharding(layout.mesh, s))
+        for a, r, s in zip(args, roles, specs, strict=True)
+    )
+    # Output structure from an unsharded trace: positions-shaped leaves keep the
+    # positions' split, scalars are replicated.
+    abstract = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    shapes = jax.eval_shape(functools.partial(core, **static), *abstract)
+    out_specs = jax.tree.map(lambda s: P(*layout.positions) if s.ndim else P(), shapes)
+    body = functools.partial(core, **{**static, **layout.axis_names()})
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=specs, out_specs=out_specs)(*args)

@@ -1,0 +1,142 @@
+"""Sharded linear_cross_entropy (SPEC §6, §5) on 8 simulated CPU devices.
+
+x and labels are split over "batch", w, bias and class_weights over "vocab" (labels
+are global ids). Every implementation runs inside shard_map and under jax.jit on
+NamedSharding inputs, against the materialised "xla" implementation on one device
+(see tests/sharded.py; loss, every aux field and the gradients of x, w and bias).
+Block sizes leave several blocks per shard and a local vocabulary that is not a
+multiple of the vocabulary block ("lean" pads).
+
+Compiled programs: no all-gather of w or the logits. Inside shard_map (and with
+Explicit mesh axes, which run it) what crosses devices is one all-reduce of dw (and
+dbias) over the batch axis, one of dx over the vocabulary axis, and per-position
+statistics.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxent
+from benchmarks import hlo
+
+from ..sharded import Case, assert_same, in_shard_map, single_device, under_jit
+
+F32 = jnp.float32
+N, D, V = 32, 16, 208  # V: 26 classes per device on 1x8, 52 on 2x4
+BLOCKS = {"chunked": 8, "lean": 16, None: 8, "xla": None}
+HIDDEN, TABLE, POSITIONS, CLASSES = P("batch", None), P("vocab", None), P("batch"), P("vocab")
+FLOATS_PER_POSITION = 16  # per-position statistics per call: max, sums, label logit
+
+
+def _keys(seed, n):
+    return jax.random.split(jax.random.PRNGKey(seed), n)
+
+
+def weights_masked_logits(impl):
+    """bias, class weights, smoothing, soft-cap, an in-range ignore_index, logits mask."""
+    k = _keys(0, 6)
+    labels = jax.random.randint(k[2], (N,), 0, V).at[1].set(3).at[6].set(3).at[9].set(V - 1)
+    mask = (jax.random.uniform(k[5], (N, V)) > 0.2).at[0].set(False)
+    mask = mask | jax.nn.one_hot(labels, V, dtype=bool)
+    arrays = dict(
+        x=(jax.random.normal(k[0], (N, D), F32), HIDDEN),
+        w=(jax.random.normal(k[1], (V, D), F32) * 0.5, TABLE),
+        labels=(labels, POSITIONS),
+        bias=(jax.random.normal(k[3], (V,), F32) * 0.1, CLASSES),
+        class_weights=(jax.random.uniform(k[4], (V,), F32, 0.2, 2.0), CLASSES),
+        where=(mask, P("batch", "vocab")),
+    )
+    options = dict(label_smoothing=0.1, softcap=5.0, ignore_index=3, return_aux=True)
+    return _case(arrays, options, impl, ("none", "mean"))
+
+
+def array_options_masked_positions(impl):
+    """Smoothing and z-loss as arrays, a positions mask, ignore_index=-100."""
+    k = _keys(1, 4)
+    labels = jax.random.randint(k[2], (N,), 0, V).at[2].set(-100).at[7].set(-100)
+    arrays = dict(
+        x=(jax.random.normal(k[0], (N, D), F32), HIDDEN),
+        w=(jax.random.normal(k[1], (V, D), F32) * 0.5, TABLE),
+        labels=(labels, POSITIONS),
+        where=(jax.random.uniform(k[3], (N,)) > 0.25, POSITIONS),
+        label_smoothing=(jnp.float32(0.2), P()),
+        z_loss=(jnp.float32(1e-3), P()),
+    )
+    return _case(arrays, dict(ignore_index=-100, return_aux=True), impl, ("sum", "mean"))
+
+
+def _case(arrays, options, impl, reductions):
+    """Reduction "none" takes its own gradient path ("chunked": recompute in the backward),
+    "sum" and "mean" another: each option set runs two reductions, the two sets all three."""
+    options = dict(options, implementation=impl, block_size=BLOCKS[impl])
+    wrt = tuple(k for k in ("x", "w", "bias") if k in arrays)
+    return Case(jaxent.linear_cross_entropy, arrays, options, wrt, POSITIONS, reductions)
+
+
+OPTION_SETS = {f.__name__: f for f in (weights_masked_logits, array_options_masked_positions)}
+_ORACLES = {}
+
+
+def oracle(name):
+    """The single-device "xla" result, computed once per option set."""
+    if name not in _ORACLES:
+        _ORACLES[name] = single_device(OPTION_SETS[name]("xla"))
+    return _ORACLES[name]
+
+
+def assert_nothing_gathered(found, vocab_shards):
+    """No all-gather of w, a shard of w, or logits; at most XLA's partitioning of the
+    argmax behind aux.accuracy gathers one int64 candidate per position and shard."""
+    allowed = N * vocab_shards * 8
+    assert allowed * 4 < min(V * D * 4, N * V * 4)  # so the bound means something
+    assert hlo.largest(found, "all-gather") <= allowed, found
+
+
+def assert_one_sum_per_step(found, mesh_shape, calls):
+    """Per call (one per reduction): dw and dbias summed once over the batch axis, dx once
+    over the vocabulary axis, plus per-position statistics — never a copy of w or of the
+    logits, never a sum repeated per block (XLA's partitioning with Auto axes repeats it,
+    2 to 4 times over at these shapes)."""
+    batch, vocab = mesh_shape
+    per_call = FLOATS_PER_POSITION * 4 * N + (N // batch) * D * 4
+    if batch > 1:
+        per_call += (V // vocab) * (D + 1) * 4
+    assert hlo.total_bytes(found) <= calls * per_call, found
+    assert hlo.largest(found, "all-gather") == 0, found
+
+
+# Both option sets on the 2x4 mesh for "chunked" and "lean"; the logits-mask set on the
+# vocabulary-parallel 1x8 too; "xla" once. Under jit below: None (which is "chunked" on
+# CPU), and the data-parallel 8x1. Compile time keeps it to this.
+A, B = "weights_masked_logits", "array_options_masked_positions"
+SHARD_MAP_RUNS = [(name, impl, (2, 4)) for impl in ("chunked", "lean") for name in (A, B)]
+SHARD_MAP_RUNS += [(A, impl, (1, 8)) for impl in ("chunked", "lean")]
+SHARD_MAP_RUNS += [(B, "xla", (2, 4))]
+
+
+@pytest.mark.parametrize(("name", "impl", "mesh_shape"), SHARD_MAP_RUNS, ids=str)
+def test_shard_map_equals_single_device(name, impl, mesh_shape):
+    case = OPTION_SETS[name](impl)
+    got, found = in_shard_map(case, mesh_shape, oracle(name))
+    assert_same(got, oracle(name))
+    assert_one_sum_per_step(found, mesh_shape, len(case.reductions))
+
+
+JIT_RUNS = [(A, impl, (2, 4), False) for impl in ("lean", None, "xla")]
+JIT_RUNS += [(A, "lean", (1, 8), False), (B, "chunked", (8, 1), False)]
+JIT_RUNS += [(B, "chunked", (2, 4), True)]  # Explicit: any implementation, under shard_map
+
+
+@pytest.mark.parametrize(("name", "impl", "mesh_shape", "explicit"), JIT_RUNS, ids=str)
+def test_jit_on_named_sharding_equals_single_device(name, impl, mesh_shape, explicit):
+    """Auto axes: XLA partitions the block loops itself — no gathers, but it sums the
+    loop-carried dw (data parallel, "chunked") or dx (vocabulary parallel, "lean")
+    once per block. Explicit axes: the call runs under shard_map, one sum per step."""
+    case = OPTION_SETS[name](impl)
+    got, found = under_jit(case, mesh_shape, explicit, oracle(name))
+    assert_same(got, oracle(name))
+    assert_nothing_gathered(found, mesh_shape[1])
+    if explicit:
+        assert_one_sum_per_step(found, mesh_shape, len(case.reductions))

@@ -1,0 +1,241 @@
+"""Sharded logits losses (SPEC §6) on 8 simulated CPU devices, meshes 8x1, 1x8, 2x4.
+
+Each case computes its reductions (all three, or two for the slow-to-compile softmax
+cases, which share one reduction code path) and every aux field at once, and its
+gradients; the oracle is the same loss on one device with the whole batch (see
+tests/sharded.py). Together the cases cover every option: class weights, pos_weight
+and weights split with the classes, labels as global ids (`ignore_index` inside the
+class range too), smoothing over the global class count, z-loss, soft-cap, `where`
+in both shapes (a row with one logit left, so most shards hold none of it), scalar
+options as arrays, the class axis first, temperature and -inf teacher logits.
+
+The compiled programs are also inspected: no all-gather (but for XLA's own argmax
+candidates under Auto axes, see `assert_o_of_n`), and the bytes that cross devices
+(per device, per step) are a few dozen floats per position — O(N), while one copy of
+the logits is N * C * 4 bytes.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxent
+from benchmarks import hlo
+
+from .sharded import MESHES, Case, assert_same, in_shard_map, single_device, under_jit
+
+F32 = jnp.float32
+N, C = 16, 2048
+LOGITS, POSITIONS, CLASSES = P("batch", "vocab"), P("batch"), P("vocab")
+FLOATS_PER_POSITION = 48  # bound on the per-position statistics that cross devices
+ARGMAX_BYTES = 2 * 3 * (4 + 8)  # per position and vocabulary shard, see assert_o_of_n
+
+
+def _keys(seed, n):
+    return jax.random.split(jax.random.PRNGKey(seed), n)
+
+
+def _labels(key):
+    labels = jax.random.randint(key, (N,), 0, C)
+    return labels.at[1].set(3).at[5].set(3).at[9].set(C - 1)
+
+
+def _logits_mask(key, labels):
+    """Drops ~20% of the logits but never a label's; row 0 keeps its label's logit only."""
+    onehot = jax.nn.one_hot(labels, C, dtype=bool)
+    return (jax.random.uniform(key, (N, C)) > 0.2).at[0].set(False) | onehot
+
+
+def cross_entropy_weighted_masked_logits():
+    k = _keys(0, 4)
+    labels = _labels(k[1])
+    return Case(
+        jaxent.cross_entropy,
+        dict(
+            logits=(jax.random.normal(k[0], (N, C), F32) * 2, LOGITS),
+            labels=(labels, POSITIONS),
+            class_weights=(jax.random.uniform(k[2], (C,), F32, 0.2, 2.0), CLASSES),
+            where=(_logits_mask(k[3], labels), LOGITS),
+        ),
+        dict(label_smoothing=0.1, softcap=5.0, ignore_index=3, return_aux=True),
+        ("logits",),
+        POSITIONS,
+        ("none", "mean"),
+    )
+
+
+def cross_entropy_array_options_masked_positions():
+    k = _keys(1, 3)
+    labels = _labels(k[1]).at[2].set(-100).at[7].set(-100)
+    return Case(
+        jaxent.cross_entropy,
+        dict(
+            logits=(jax.random.normal(k[0], (N, C), F32) * 3, LOGITS),
+            labels=(labels, POSITIONS),
+            where=(jax.random.uniform(k[2], (N,)) > 0.25, POSITIONS),
+            label_smoothing=(jnp.float32(0.2), P()),
+            z_loss=(jnp.float32(1e-3), P()),
+        ),
+        dict(ignore_index=-100, return_aux=True),
+        ("logits",),
+        POSITIONS,
+        ("sum", "mean"),
+    )
+
+
+def cross_entropy_class_axis_first():
+    k = _keys(2, 2)
+    return Case(
+        jaxent.cross_entropy,
+        dict(
+            logits=(jax.random.normal(k[0], (C, N), F32), P("vocab", "batch")),
+            labels=(_labels(k[1]), POSITIONS),
+        ),
+        dict(axis=0, z_loss=1e-2, return_aux=True),
+        ("logits",),
+        POSITIONS,
+    )
+
+
+def soft_cross_entropy_all_options():
+    k = _keys(3, 4)
+    mask = _logits_mask(k[3], _labels(k[1]))
+    targets = jax.nn.softmax(jax.random.normal(k[1], (N, C), F32) * 3, where=mask)
+    return Case(
+        jaxent.soft_cross_entropy,
+        dict(
+            logits=(jax.random.normal(k[0], (N, C), F32) * 2, LOGITS),
+            targets=(jnp.where(mask, targets, 0), LOGITS),
+            class_weights=(jax.random.uniform(k[2], (C,), F32, 0.2, 2.0), CLASSES),
+            where=(mask, LOGITS),
+        ),
+        dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, return_aux=True),
+        ("logits", "targets"),
+        POSITIONS,
+        ("none", "mean"),
+    )
+
+
+def binary_cross_entropy_all_options():
+    k = _keys(4, 5)
+    return Case(
+        jaxent.binary_cross_entropy,
+        dict(
+            logits=(jax.random.normal(k[0], (N, C), F32) * 3, LOGITS),
+            targets=(jax.random.uniform(k[1], (N, C), F32), LOGITS),
+            pos_weight=(jax.random.uniform(k[2], (C,), F32, 0.5, 3.0), CLASSES),
+            weights=(jax.random.uniform(k[3], (N, C), F32, 0.5, 1.5), LOGITS),
+            where=(jax.random.uniform(k[4], (N, C)) > 0.3, LOGITS),
+        ),
+        dict(label_smoothing=0.1),
+        ("logits", "targets"),
+        LOGITS,
+    )
+
+
+def focal_loss_masked():
+    k = _keys(5, 3)
+    return Case(
+        jaxent.focal_loss,
+        dict(
+            logits=(jax.random.normal(k[0], (N, C), F32) * 3, LOGITS),
+            targets=(jax.random.bernoulli(k[1], 0.3, (N, C)).astype(F32), LOGITS),
+            where=(jax.random.uniform(k[2], (N, C)) > 0.3, LOGITS),
+        ),
+        dict(alpha=0.25, gamma=1.5),
+        ("logits",),
+        LOGITS,
+    )
+
+
+def kl_divergence_temperature_masked():
+    k = _keys(6, 3)
+    teacher = jax.random.normal(k[1], (N, C), F32) * 2
+    teacher = jnp.where(jax.random.uniform(k[2], (N, C)) > 0.1, teacher, -jnp.inf)
+    return Case(
+        jaxent.kl_divergence,
+        dict(
+            logits=(jax.random.normal(k[0], (N, C), F32) * 2, LOGITS),
+            target_logits=(teacher, LOGITS),
+            where=(jnp.arange(N) % 5 != 2, POSITIONS),
+        ),
+        dict(temperature=2.0),
+        ("logits",),  # d/d(teacher) is NaN at a -inf teacher logit, sharded or not
+        POSITIONS,
+    )
+
+
+CASES = {
+    f.__name__: f
+    for f in (
+        cross_entropy_weighted_masked_logits,
+        cross_entropy_array_options_masked_positions,
+        cross_entropy_class_axis_first,
+        soft_cross_entropy_all_options,
+        binary_cross_entropy_all_options,
+        focal_loss_masked,
+        kl_divergence_temperature_masked,
+    )
+}
+_ORACLES = {}
+
+
+def oracle(name):
+    if name not in _ORACLES:
+        case = CASES[name]()
+        _ORACLES[name] = case, single_device(case)
+    return _ORACLES[name]
+
+
+def assert_o_of_n(found, vocab_shards=None):
+    """What crosses devices is O(N), far below one copy of the logits, and nothing is
+    all-gathered. Exception: XLA's own partitioning (Auto axes) of the argmax behind
+    aux.accuracy all-gathers each vocabulary shard's candidate (value, int64 index)
+    per position, a few times: O(N x shards), still independent of C."""
+    per_position = FLOATS_PER_POSITION * 4
+    if vocab_shards is not None:
+        per_position += ARGMAX_BYTES * vocab_shards
+    assert hlo.largest(found, "all-gather") <= (0 if vocab_shards is None else N * 8 * 8), found
+    moved = hlo.total_bytes(found)
+    assert moved <= per_position * N, found
+    assert moved * 10 < N * C * 4
+
+
+# Every case on the 2x4 mesh; the degenerate 8x1 and 1x8 meshes for the richest
+# cross_entropy case and for kl_divergence (compile time keeps the rest to 2x4).
+ALL_MESHES = ("cross_entropy_weighted_masked_logits", "kl_divergence_temperature_masked")
+SHARD_MAP_RUNS = [
+    (name, shape)
+    for name in sorted(CASES)
+    for shape in (MESHES if name in ALL_MESHES else [(2, 4)])
+]
+
+
+@pytest.mark.parametrize(("name", "mesh_shape"), SHARD_MAP_RUNS, ids=str)
+def test_shard_map_equals_single_device(name, mesh_shape):
+    case, want = oracle(name)
+    got, found = in_shard_map(case, mesh_shape, want)
+    assert_same(got, want)
+    assert_o_of_n(found)
+
+
+# cross_entropy_array_options_masked_positions adds nothing here that the others lack.
+JIT_RUNS = [
+    (name, (2, 4), explicit)
+    for name in sorted(CASES)
+    if name != "cross_entropy_array_options_masked_positions"
+    for explicit in (False, True)
+]
+JIT_RUNS += [("cross_entropy_weighted_masked_logits", (1, 8), False)]
+
+
+@pytest.mark.parametrize(("name", "mesh_shape", "explicit"), JIT_RUNS, ids=str)
+def test_jit_on_named_sharding_equals_single_device(name, mesh_shape, explicit):
+    """Auto axes: XLA partitions the loss. Explicit axes (`jax.make_mesh`'s default):
+    JAX needs every sharding resolved; cross_entropy and soft_cross_entropy then run
+    themselves under shard_map, the others partition as they are."""
+    case, want = oracle(name)
+    got, found = under_jit(case, mesh_shape, explicit, want)
+    assert_same(got, want)
+    assert_o_of_n(found, vocab_shards=None if explicit else mesh_shape[1])
