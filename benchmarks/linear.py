@@ -13,7 +13,9 @@ import optax
 
 import jaxent
 
-from .timing import measure
+from .timing import measure, notice
+
+FLOOR = "floor"
 
 
 def _jaxent(impl):
@@ -58,24 +60,21 @@ def run(case, repeats: int, ref_dtype) -> list[dict]:
     n, d, v, dtype = case
     x, w, y = inputs(n, d, v, jnp.dtype(dtype))
     g = (jax.random.normal(jax.random.PRNGKey(1), (n, v), jnp.float32) * 1e-3).astype(x.dtype)
-    floor = measure(three_matmuls, (x, w, g), repeats)
-    del g
     ref_step = jax.jit(jax.value_and_grad(_jaxent("xla"), argnums=(0, 1)))
     ref_loss, ref_grads = ref_step(x.astype(ref_dtype), w.astype(ref_dtype), y)
+    fns = {FLOOR: three_matmuls}
+    fns.update({k: jax.value_and_grad(f, argnums=(0, 1)) for k, f in IMPLEMENTATIONS.items()})
+    args = {name: (x, w, g) if name == FLOOR else (x, w, y) for name in fns}
+    results = measure(fns, args, repeats, skip=notice)
+    floor = results.pop(FLOOR)["seconds"]
     rows = []
     shape = {"N": n, "D": d, "V": v, "dtype": dtype}
-    for name, loss_fn in IMPLEMENTATIONS.items():
-        step = jax.value_and_grad(loss_fn, argnums=(0, 1))
-        try:
-            result = measure(step, (x, w, y), repeats)
-        except Exception as err:  # e.g. out of memory for a materialised baseline
-            print(f"  {name}: skipped ({type(err).__name__}: {str(err)[:120]})")
-            continue
-        loss, (dx, dw) = jax.jit(step)(x, w, y)
+    for name, result in results.items():
+        loss, (dx, dw) = jax.jit(fns[name])(x, w, y)
         rows.append({
             "suite": "linear", "implementation": name, **shape, **result,
-            "floor_seconds": floor["seconds"], "floor": "three matmuls of the same shapes",
-            "ratio": result["seconds"] / floor["seconds"],
+            "floor_seconds": floor, "floor": "three matmuls of the same shapes",
+            "ratio": result["seconds"] / floor,
             "loss_rel_err": rel_err(loss, ref_loss),
             "grad_rel_err": max(rel_err(dx, ref_grads[0]), rel_err(dw, ref_grads[1])),
         })  # fmt: skip

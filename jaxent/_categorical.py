@@ -17,7 +17,9 @@ import numpy as np
 
 from . import _checks
 from ._reduce import global_sum, reduce_loss, safe_divide
+from ._sharding import CLASSES, LOGITS, POSITIONS, WHERE, manual_if_explicit
 from ._stable import Rows, categorical_rows, soft_rows
+from .pallas import choose, stats_for
 
 
 class CrossEntropyAux(NamedTuple):
@@ -92,6 +94,8 @@ def resolve(static: float | None, dynamic: jax.Array | None):
     return static if dynamic is None else dynamic
 
 
+IMPLEMENTATIONS = (None, "xla", "pallas")
+
 _STATIC = (
     "axis",
     "where_kind",
@@ -103,10 +107,12 @@ _STATIC = (
     "z_loss_static",
     "vocab_axis_name",
     "batch_axis_name",
+    "kernel",
 )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
+@manual_if_explicit(LOGITS, POSITIONS, WHERE, CLASSES)  # explicitly sharded inputs: shard_map
 def _cross_entropy(
     logits,
     labels,
@@ -125,6 +131,7 @@ def _cross_entropy(
     z_loss_static,
     vocab_axis_name,
     batch_axis_name,
+    kernel,
 ):
     logit_mask, position_mask = masks_class_last(where, where_kind, logits.shape, axis)
     rows = categorical_rows(
@@ -139,6 +146,7 @@ def _cross_entropy(
         softcap=softcap,
         vocab_axis_name=vocab_axis_name,
         with_argmax=return_aux,
+        stats=stats_for(kernel),
     )
     return finish(rows, reduction, return_aux, batch_axis_name)
 
@@ -154,6 +162,7 @@ def check_common(
     reduction,
     vocab_axis_name,
     batch_axis_name,
+    implementation,
 ):
     """Validation shared by the categorical losses; returns normalised options."""
     logits = _checks.check_floating("logits", logits)
@@ -175,6 +184,7 @@ def check_common(
         reduction=_checks.check_reduction(reduction),
         vocab_axis_name=_checks.check_axis_name("vocab_axis_name", vocab_axis_name),
         batch_axis_name=_checks.check_axis_name("batch_axis_name", batch_axis_name),
+        implementation=_checks.check_implementation(implementation, IMPLEMENTATIONS),
     )
 
 
@@ -193,6 +203,7 @@ def cross_entropy(
     return_aux: bool = False,
     vocab_axis_name: Any = None,
     batch_axis_name: Any = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy with integer labels (PyTorch `F.cross_entropy` semantics).
 
@@ -220,6 +231,10 @@ def cross_entropy(
       return_aux: also return a `CrossEntropyAux`.
       vocab_axis_name / batch_axis_name: mesh axes over which the class axis / the
         positions are split, inside `shard_map` (see the README, "Sharding").
+      implementation: None (the Pallas kernel on CUDA GPUs, XLA elsewhere), "xla",
+        or "pallas" (`NotImplementedError` where it cannot serve: no GPU, float64
+        logits). The kernel reads the logits once in the forward pass, XLA twice; both
+        write the gradient in one pass (README, "Backends").
 
     Returns:
       The loss in float32 (float64 for float64 logits), or `(loss, aux)`.
@@ -244,6 +259,7 @@ def cross_entropy(
         reduction,
         vocab_axis_name,
         batch_axis_name,
+        implementation,
     )
     labels = _checks.check_integer("labels", labels)
     _checks.check_shape(
@@ -271,10 +287,12 @@ def cross_entropy(
         z_loss_static=opts["z_loss"][0],
         vocab_axis_name=opts["vocab_axis_name"],
         batch_axis_name=opts["batch_axis_name"],
+        kernel=choose(opts["implementation"], opts["logits"].dtype),
     )
 
 
 @functools.partial(jax.jit, static_argnames=tuple(n for n in _STATIC if n != "ignore_index"))
+@manual_if_explicit(LOGITS, LOGITS, WHERE, CLASSES)  # explicitly sharded inputs: shard_map
 def _soft_cross_entropy(
     logits,
     targets,
@@ -292,6 +310,7 @@ def _soft_cross_entropy(
     z_loss_static,
     vocab_axis_name,
     batch_axis_name,
+    kernel,
 ):
     logit_mask, position_mask = masks_class_last(where, where_kind, logits.shape, axis)
     rows = soft_rows(
@@ -305,6 +324,7 @@ def _soft_cross_entropy(
         softcap=softcap,
         vocab_axis_name=vocab_axis_name,
         with_argmax=return_aux,
+        stats=stats_for(kernel, soft=True),
     )
     return finish(rows, reduction, return_aux, batch_axis_name)
 
@@ -323,6 +343,7 @@ def soft_cross_entropy(
     return_aux: bool = False,
     vocab_axis_name: Any = None,
     batch_axis_name: Any = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy with probability targets.
 
@@ -335,7 +356,7 @@ def soft_cross_entropy(
       logits: floating, class axis `axis`.
       targets: `logits.shape`, any floating dtype (distributions, or unnormalised).
       where, class_weights, label_smoothing, z_loss, softcap, axis, return_aux,
-      vocab_axis_name, batch_axis_name: as in `cross_entropy`.
+      vocab_axis_name, batch_axis_name, implementation: as in `cross_entropy`.
       reduction: "none", "sum", or "mean" over the number of valid positions
         (PyTorch's convention for probability targets; class weights do not enter
         the denominator).
@@ -355,6 +376,7 @@ def soft_cross_entropy(
         reduction,
         vocab_axis_name,
         batch_axis_name,
+        implementation,
     )
     targets = _checks.check_floating("targets", targets)
     _checks.check_shape("targets", targets, opts["logits"].shape, "It must match `logits`.")
@@ -374,4 +396,5 @@ def soft_cross_entropy(
         z_loss_static=opts["z_loss"][0],
         vocab_axis_name=opts["vocab_axis_name"],
         batch_axis_name=opts["batch_axis_name"],
+        kernel=choose(opts["implementation"], opts["logits"].dtype),
     )

@@ -156,3 +156,10 @@ def check_axis_name(name: str, value: Any) -> Any:
             f"`{name}` must be a mesh axis name (str) or None, got {value!r}."
         ) from None
     return value
+
+
+def check_implementation(implementation: Any, choices: tuple) -> str | None:
+    """`implementation=`: one of `choices` (None picks the best for the backend)."""
+    if (implementation is None or isinstance(implementation, str)) and implementation in choices:
+        return implementation
+    raise ValueError(f"`implementation` must be one of {choices}, got {implementation!r}.")

@@ -122,11 +122,6 @@ class Rows(NamedTuple):
     correct: jax.Array
 
 
-def first_argmax(z: jax.Array, offset, vocab_axis_name) -> jax.Array:
-    """Global id of the first largest value of each row, across vocab shards."""
-    return shard_max(*row_max(z, offset), vocab_axis_name)[1]
-
-
 def row_max(z: jax.Array, offset, with_argmax: bool = True):
     """(row max, global id of its first occurrence or None); -inf where nothing is kept.
     The argmax is a second reduction: skip it unless accuracy is wanted."""
@@ -171,6 +166,54 @@ def safe_shift(best: jax.Array) -> jax.Array:
     return lax.stop_gradient(jnp.where(jnp.isneginf(best), 0, best))
 
 
+def label_index(labels, offset, num_local: int):
+    """Column of each label in a block of classes offset..offset+num_local (clipped into
+    the block), and whether the label lies in the block."""
+    local = labels - offset
+    in_block = (local >= 0) & (local < num_local)
+    return jnp.clip(local, 0, num_local - 1), in_block
+
+
+def at_label(a: jax.Array, local: jax.Array) -> jax.Array:
+    """a[..., local]: one gathered entry per row (O(N), not a pass over the classes)."""
+    return jnp.take_along_axis(a, local[..., None], axis=-1)[..., 0]
+
+
+def label_terms(z_label, in_block, w_label) -> dict:
+    """The label fields of `Partial` from the label's prepared logit z[y] and weight w[y]
+    (None without class weights); a label outside the block contributes 0."""
+    hit = in_block & kept(z_label)
+    return dict(
+        z_label=jnp.where(hit, z_label, 0),
+        label_hits=hit.astype(z_label.dtype),
+        w_label=None if w_label is None else jnp.where(in_block, w_label, 0),
+    )
+
+
+def class_sums(z, m, w, smoothing: bool, e=None) -> Partial:
+    """The sums over classes of `Partial` (label fields None) for prepared logits z
+    (..., C), shift m (...,) and class weights w (C,) or None:
+
+        s = Σ_keep e^(z-m);  kw_sum = Σ_keep w;  below_max = Σ_keep w (m - z);  count = Σ keep
+
+    `e`, when given, is exp(z - m) already computed by the caller. Elementwise ops and
+    row sums only, so the Pallas kernel runs this same code on each tile.
+    """
+    s = jnp.sum(jnp.exp(z - m[..., None]) if e is None else e, axis=-1)
+    if not smoothing:
+        return Partial(s=s, z_label=None, label_hits=None)
+    keep = kept(z)
+    kw = keep.astype(z.dtype) if w is None else jnp.where(keep, w, 0)
+    return Partial(
+        s=s,
+        z_label=None,
+        label_hits=None,
+        kw_sum=jnp.sum(kw, axis=-1),
+        below_max=jnp.sum(jnp.where(keep, kw * (m[..., None] - z), 0), axis=-1),
+        count=jnp.sum(keep, axis=-1, dtype=z.dtype),
+    )
+
+
 def block_partial(z, labels, offset, m, class_weights, smoothing: bool, e=None) -> Partial:
     """Partial sums of one block of prepared logits (class ids offset..offset+C).
 
@@ -178,26 +221,20 @@ def block_partial(z, labels, offset, m, class_weights, smoothing: bool, e=None) 
     class id with the label (O(N·C)); a label outside the block contributes 0.
     `e`, when given, is exp(z - m) already computed by the caller.
     """
-    dtype = z.dtype
-    local = labels - offset
-    in_block = (local >= 0) & (local < z.shape[-1])
-    local = jnp.clip(local, 0, z.shape[-1] - 1)
-    z_label = jnp.take_along_axis(z, local[..., None], axis=-1)[..., 0]
-    hit = in_block & kept(z_label)
-    w = None if class_weights is None else class_weights.astype(dtype)
-    kw = None
-    if smoothing:
-        keep = kept(z)
-        kw = keep.astype(dtype) if w is None else jnp.where(keep, w, 0)
-    return Partial(
-        s=jnp.sum(jnp.exp(z - m[..., None]) if e is None else e, axis=-1),
-        z_label=jnp.where(hit, z_label, 0),
-        label_hits=hit.astype(dtype),
-        w_label=None if w is None else jnp.where(in_block, w[local], 0),
-        kw_sum=None if kw is None else jnp.sum(kw, axis=-1),
-        below_max=None if kw is None else jnp.sum(jnp.where(keep, kw * (m[..., None] - z), 0), -1),
-        count=None if kw is None else jnp.sum(keep, axis=-1, dtype=dtype),
-    )
+    local, in_block = label_index(labels, offset, z.shape[-1])
+    w = None if class_weights is None else class_weights.astype(z.dtype)
+    labelled = label_terms(at_label(z, local), in_block, None if w is None else w[local])
+    return class_sums(z, m, w, smoothing, e)._replace(**labelled)
+
+
+def logit_label_terms(logits, labels, offset, class_weights, logit_mask, softcap) -> dict:
+    """`label_terms` from raw logits: gather the label's logit (and mask entry), then
+    prepare just those N values — for callers that never form the prepared logits."""
+    local, in_block = label_index(labels, offset, logits.shape[-1])
+    mask = None if logit_mask is None else at_label(logit_mask, local)
+    z_label = prepare_logits(at_label(logits, local), mask, softcap)
+    w = None if class_weights is None else class_weights.astype(z_label.dtype)[local]
+    return label_terms(z_label, in_block, w)
 
 
 def logit_partial(logits, labels, offset, m, class_weights, logit_mask, softcap, smoothing):
@@ -251,12 +288,26 @@ def _logit_partial_fwd(
 
 
 def _logit_partial_bwd(softcap, smoothing, save_exp, residuals, ct: Partial):
-    """d/dz of each sum: s -> exp(z - m); z_label -> [c == y]; below_max -> -w[c]
-    (kept logits only); then the soft-cap's slope 1 - tanh²."""
     logits, labels, offset, m, class_weights, logit_mask, e, hit = residuals
+    grad = partial_grad(
+        ct, logits, labels, offset, m, class_weights, logit_mask, hit, softcap, smoothing, e
+    )
+    return grad, None, None, None, None, None
+
+
+def partial_grad(
+    ct: Partial, logits, labels, offset, m, class_weights, logit_mask, hit, softcap, smoothing, e
+):
+    """The logits' gradient of Σ ct · Partial in one elementwise pass, in the logits' dtype.
+
+    d/dz of each sum: s -> exp(z - m); z_label -> [c == y]; below_max -> -w[c] (kept
+    logits only); then the soft-cap's slope 1 - tanh². m is the shift the sums were
+    taken with, hit (...,) whether the label was a kept class of the block, and e
+    (..., C) is exp(z - m) when saved by the forward, or None to recompute it here.
+    """
     x = logits.astype(compute_dtype(logits.dtype))
     keep = None
-    if not save_exp or smoothing or softcap is not None or logit_mask is not None:
+    if e is None or smoothing or softcap is not None or logit_mask is not None:
         keep = x != -jnp.inf
         if logit_mask is not None:
             keep = keep & logit_mask
@@ -270,8 +321,8 @@ def _logit_partial_bwd(softcap, smoothing, save_exp, residuals, ct: Partial):
     # smoothing, softcap or mask `keep` is not needed: the plain CPU case reads only e.
     ids = lax.broadcasted_iota(labels.dtype, (x.shape[-1],), 0) + offset
     dz = ct.s[..., None] * e
-    at_label = (ids == labels[..., None]) & hit[..., None]
-    dz = dz + jnp.where(at_label, ct.z_label[..., None], 0)
+    is_label = (ids == labels[..., None]) & hit[..., None]
+    dz = dz + jnp.where(is_label, ct.z_label[..., None], 0)
     if smoothing:
         w = 1 if class_weights is None else class_weights.astype(x.dtype)
         dz = dz - ct.below_max[..., None] * w
@@ -279,19 +330,28 @@ def _logit_partial_bwd(softcap, smoothing, save_exp, residuals, ct: Partial):
         dz = dz * slope
     if keep is not None:
         dz = jnp.where(keep, dz, 0)
-    return dz.astype(logits.dtype), None, None, None, None, None
+    return dz.astype(logits.dtype)
 
 
 _logit_partial.defvjp(_logit_partial_fwd, _logit_partial_bwd)
 
 
-def rescale(p: Partial, m_old: jax.Array, m_new: jax.Array) -> Partial:
-    """Re-express sums taken with shift m_old in terms of shift m_new (online lse)."""
-    below = None if p.below_max is None else p.below_max + (m_new - m_old) * p.kw_sum
-    return p._replace(s=p.s * jnp.exp(m_old - m_new), below_max=below)
+def rescale(p, m_old: jax.Array, m_new: jax.Array):
+    """Re-express sums (`Partial` or `SoftPartial`) taken with shift m_old in terms of
+    shift m_new (online lse): s scales by exp(m_old - m_new); each Σ a (m - z) grows by
+    (m_new - m_old) Σ a.
+
+    A row with nothing kept yet has s = 0 and the placeholder shift 0, from which
+    exp(0 - m_new) overflows for m_new < -88: s stays 0 there instead of 0 * inf = NaN.
+    """
+    moved = dict(s=jnp.where(p.s == 0, 0, p.s * jnp.exp(m_old - m_new)))
+    for below, total in (("below_max", "kw_sum"), ("wt_below", "wt_sum")):
+        if getattr(p, below, None) is not None:
+            moved[below] = getattr(p, below) + (m_new - m_old) * getattr(p, total)
+    return p._replace(**moved)
 
 
-def psum_partial(p: Partial, vocab_axis_name) -> Partial:
+def psum_partial(p, vocab_axis_name):
     return p if vocab_axis_name is None else jax.tree.map(lambda a: lax.psum(a, vocab_axis_name), p)
 
 
@@ -345,6 +405,41 @@ def finish_rows(
     return Rows(loss, lse_all, jnp.where(valid, zl, 0), valid, weight, correct)
 
 
+def logit_stats(
+    logits, labels, offset, class_weights, logit_mask, *, softcap, smoothing, with_argmax
+):
+    """This shard's row statistics in two reads of the logits (XLA): the row max, then
+    the sums at that shift. The Pallas kernel (`jaxent.pallas.row_stats`) has this
+    signature and these results, in one read.
+
+    Shapes: logits (..., C) any floating dtype, labels (...,) global class ids, offset
+    the global id of column 0, class_weights (C,) or None, logit_mask (..., C) or None.
+    Returns (`Partial` taken with shift safe_shift(best), best (...,) the row max of
+    the prepared logits, first (...,) the global id of its first occurrence or None).
+    """
+    # Without softcap or mask z is the upcast logits, and the max (exact in any dtype)
+    # is taken on the logits themselves: no float32 copy is formed to reduce over.
+    plain = softcap is None and logit_mask is None
+    z = logits if plain else prepare_logits(logits, logit_mask, softcap)
+    best, first = row_max(z, offset, with_argmax)
+    best = best.astype(compute_dtype(logits.dtype))
+    partial = logit_partial(
+        logits, labels, offset, safe_shift(best), class_weights, logit_mask, softcap, smoothing
+    )
+    return partial, best, first
+
+
+def combine_shards(partial: Partial, best, first, vocab_axis_name):
+    """Whole-row statistics from each vocab shard's: the largest max (and its first
+    occurrence) wins; each shard's sums are moved to that shift and summed."""
+    if vocab_axis_name is None:
+        return partial, best, first
+    local = safe_shift(best)
+    best, first = shard_max(best, first, vocab_axis_name)
+    partial = rescale(partial, local, safe_shift(best))
+    return psum_partial(partial, vocab_axis_name), best, first
+
+
 def categorical_rows(
     logits: jax.Array,
     labels: jax.Array,
@@ -358,6 +453,7 @@ def categorical_rows(
     softcap: float | None = None,
     vocab_axis_name=None,
     with_argmax: bool = True,
+    stats=logit_stats,
 ) -> Rows:
     """Per-position cross-entropy with integer labels (SPEC §1), class axis last.
 
@@ -372,29 +468,25 @@ def categorical_rows(
 
     with C_n the number of kept logits of row n. The smoothing sum is evaluated as
     (lse - m) Σ w + Σ w (m - z), two non-negative terms, so no cancellation even for
-    logits of 1e30. Computed in three steps shared with `linear_cross_entropy`:
-    `row_max` (the shift), `block_partial` (additive sums), `finish_rows`.
+    logits of 1e30. Computed in three steps shared with `linear_cross_entropy`: the
+    shard's row statistics (`stats`: `logit_stats`, or the Pallas kernel with the same
+    signature), `combine_shards`, `finish_rows`.
     """
     num_local = logits.shape[-1]
     offset = class_offset(num_local, vocab_axis_name)
-    # Without softcap or mask z is the upcast logits, and the max (exact in any dtype)
-    # is taken on the logits themselves: no float32 copy is formed to reduce over.
-    plain = softcap is None and logit_mask is None
-    z = logits if plain else prepare_logits(logits, logit_mask, softcap)
-    best, first = row_max(z, offset, with_argmax)
-    best, first = shard_max(best.astype(compute_dtype(logits.dtype)), first, vocab_axis_name)
-    partial = logit_partial(
+    local = stats(
         logits,
         labels,
         offset,
-        safe_shift(best),
         class_weights,
         logit_mask,
-        softcap,
+        softcap=softcap,
         smoothing=not is_off(label_smoothing),
+        with_argmax=with_argmax,
     )
+    partial, best, first = combine_shards(*local, vocab_axis_name)
     return finish_rows(
-        psum_partial(partial, vocab_axis_name),
+        partial,
         best,
         first,
         labels,
@@ -404,6 +496,146 @@ def categorical_rows(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
     )
+
+
+class SoftPartial(NamedTuple):
+    """Additive per-row sums of probability targets t over a block of classes, all
+    taken with one shift m (the soft counterpart of `Partial`); smoothing is applied
+    when the row is finished, from the sums of `class_sums`:
+
+    s: Σ_keep e^(z-m); wt_sum: Σ_keep w t; wt_below: Σ_keep w t (m - z);
+    lost: Σ_drop [w t != 0] (target mass on dropped logits); kw_sum, below_max, count
+    as in `Partial` (with smoothing only).
+    """
+
+    s: jax.Array
+    wt_sum: jax.Array
+    wt_below: jax.Array
+    lost: jax.Array
+    kw_sum: jax.Array | None = None
+    below_max: jax.Array | None = None
+    count: jax.Array | None = None
+
+
+def soft_sums(z, t, m, w, smoothing: bool, e=None) -> SoftPartial:
+    """`SoftPartial` of prepared logits z (..., C), float targets t (..., C), shift m
+    (...,) and class weights w (C,) or None. Elementwise ops and row sums only: the
+    Pallas kernel runs this same code on each tile."""
+    base = class_sums(z, m, w, smoothing, e)
+    keep = kept(z)
+    wt = t if w is None else t * w
+    kwt = jnp.where(keep, wt, 0)
+    return SoftPartial(
+        s=base.s,
+        wt_sum=jnp.sum(kwt, axis=-1),
+        wt_below=jnp.sum(jnp.where(keep, kwt * (m[..., None] - z), 0), axis=-1),
+        lost=jnp.sum(~keep & (wt != 0), axis=-1, dtype=z.dtype),
+        kw_sum=base.kw_sum,
+        below_max=base.below_max,
+        count=base.count,
+    )
+
+
+def soft_partial(logits, targets, m, class_weights, logit_mask, softcap, smoothing):
+    """`soft_sums(prepare_logits(logits, ...), targets, ...)` with a backward that writes
+    the gradients of the logits and of the targets in one elementwise pass (`soft_grad`);
+    exp(z - m) is saved on CPU and recomputed elsewhere, as in `logit_partial`."""
+    args = (logits, targets, lax.stop_gradient(m), class_weights, logit_mask)
+
+    def saved_exp(*args):
+        return _soft_partial(softcap, smoothing, True, *args)
+
+    def recompute(*args):
+        return _soft_partial(softcap, smoothing, False, *args)
+
+    return lax.platform_dependent(*args, cpu=saved_exp, default=recompute)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _soft_partial(softcap, smoothing, save_exp, logits, targets, m, class_weights, logit_mask):
+    z, e = _prepared_exp(logits, m, logit_mask, softcap)
+    w = None if class_weights is None else class_weights.astype(z.dtype)
+    return soft_sums(z, targets.astype(z.dtype), m, w, smoothing, e)
+
+
+def _soft_partial_fwd(softcap, smoothing, save_exp, logits, targets, m, class_weights, logit_mask):
+    z, e = _prepared_exp(logits, m, logit_mask, softcap)
+    w = None if class_weights is None else class_weights.astype(z.dtype)
+    out = soft_sums(z, targets.astype(z.dtype), m, w, smoothing, e)
+    return out, (logits, targets, m, class_weights, logit_mask, e if save_exp else None)
+
+
+def _soft_partial_bwd(softcap, smoothing, save_exp, residuals, ct: SoftPartial):
+    logits, targets, m, class_weights, logit_mask, e = residuals
+    grads = soft_grad(ct, logits, targets, m, class_weights, logit_mask, softcap, smoothing, e)
+    return *grads, None, None, None
+
+
+_soft_partial.defvjp(_soft_partial_fwd, _soft_partial_bwd)
+
+
+def soft_grad(
+    ct: SoftPartial, logits, targets, m, class_weights, logit_mask, softcap, smoothing, e
+):
+    """Gradients of Σ ct · SoftPartial for the logits and the targets, one elementwise
+    pass, each in its input's dtype. Kept logits only:
+
+        d/dz: ct.s e^(z-m) - ct.wt_below w t - ct.below_max w, times the soft-cap's slope
+        d/dt: w (ct.wt_sum + ct.wt_below (m - z))
+
+    `e` is exp(z - m) when saved by the forward, or None to recompute it here.
+    """
+    x = logits.astype(compute_dtype(logits.dtype))
+    keep = x != -jnp.inf
+    if logit_mask is not None:
+        keep = keep & logit_mask
+    z, slope = jnp.where(keep, x, 0), None  # finite everywhere: no inf * 0 below
+    if softcap is not None:
+        t_cap = jnp.tanh(z / softcap)
+        z, slope = softcap * t_cap, 1 - t_cap * t_cap
+    if e is None:
+        e = jnp.exp(jnp.where(keep, z, -jnp.inf) - m[..., None])
+    w = 1 if class_weights is None else class_weights.astype(x.dtype)
+    t = targets.astype(x.dtype)
+    dz = ct.s[..., None] * e - ct.wt_below[..., None] * w * t
+    if smoothing:
+        dz = dz - ct.below_max[..., None] * w
+    if slope is not None:
+        dz = dz * slope
+    dt = w * (ct.wt_sum[..., None] + ct.wt_below[..., None] * (m[..., None] - z))
+    zero = jnp.zeros((), x.dtype)
+    return (
+        jnp.where(keep, dz, zero).astype(logits.dtype),
+        jnp.where(keep, dt, zero).astype(targets.dtype),
+    )
+
+
+def soft_stats(
+    logits, targets, offset, class_weights, logit_mask, *, softcap, smoothing, with_argmax
+):
+    """This shard's statistics for probability targets (XLA), in the shapes of
+    `logit_stats`: (`SoftPartial` at shift safe_shift(best), best, first, target_best,
+    target_first) — the row max of the prepared logits, and the row max of the targets
+    at kept logits, each with the global id of its first occurrence; first,
+    target_best and target_first are None without `with_argmax`. The Pallas kernel
+    (`jaxent.pallas.row_stats.kernel_soft_stats`) has this signature, in one read."""
+    z = prepare_logits(logits, logit_mask, softcap)
+    best, first = row_max(z, offset, with_argmax)
+    target_best = target_first = None
+    if with_argmax:
+        top = jnp.where(kept(z), targets.astype(z.dtype), -jnp.inf)
+        target_best, target_first = row_max(top, offset)
+    partial = soft_partial(logits, targets, safe_shift(best), class_weights, logit_mask,
+                           softcap, smoothing)  # fmt: skip
+    return partial, best, first, target_best, target_first
+
+
+def combine_soft_shards(partial, best, first, target_best, target_first, vocab_axis_name):
+    """`combine_shards` for `soft_stats`: also the targets' argmax across shards."""
+    partial, best, first = combine_shards(partial, best, first, vocab_axis_name)
+    if target_first is not None:
+        target_best, target_first = shard_max(target_best, target_first, vocab_axis_name)
+    return partial, best, first, target_first
 
 
 def soft_rows(
@@ -418,6 +650,7 @@ def soft_rows(
     softcap: float | None = None,
     vocab_axis_name=None,
     with_argmax: bool = True,
+    stats=soft_stats,
 ) -> Rows:
     """Per-position cross-entropy with probability targets (SPEC §2), class axis last.
 
@@ -426,32 +659,32 @@ def soft_rows(
         t'[n,c] = (1-ε) t[n,c] + ε/C_n          (ε/C_n on kept logits only)
         l_n     = v_n * (-Σ_c w[c] t'[n,c] lp[n,c] + z_loss * lse_n²)
 
-    A dropped logit with zero target contributes 0 (0 * -inf = 0); one with a
-    non-zero target makes the loss +inf. `weight` is v_n (mean over valid positions)
-    and `correct` is [argmax z == argmax t].
+    evaluated from the sums of `SoftPartial` as (lse - m) Σ_keep w t' + Σ_keep w t' (m - z)
+    (two non-negative terms for non-negative targets), with Σ w t' = (1-ε) Σ w t +
+    (ε/C_n) Σ w and likewise for Σ w t' (m - z). A dropped logit with zero target
+    contributes 0 (0 * -inf = 0); one with a non-zero target makes the loss +inf.
+    `weight` is v_n (mean over valid positions) and `correct` is [argmax z == argmax t].
+    `stats` computes the shard's sums: `soft_stats`, or the Pallas kernel.
     """
-    z = prepare_logits(logits, logit_mask, softcap)
-    dtype = z.dtype
-    keep = kept(z)
-    st = stable_exp(z, vocab_axis_name)
-
-    t = targets.astype(dtype)
-    smoothing_on = not is_off(label_smoothing)
-    if smoothing_on:
-        count = _psum(jnp.sum(keep, axis=-1, dtype=dtype), vocab_axis_name)
-        share = label_smoothing / jnp.maximum(count, 1)
-        t = (1 - label_smoothing) * t + jnp.where(keep, share[..., None], 0)
-    wt = t if class_weights is None else t * class_weights.astype(dtype)
-    kwt = jnp.where(keep, wt, 0)
-    lost_mass = _psum(jnp.sum(~keep & (wt != 0), axis=-1), vocab_axis_name) > 0
-
-    valid = st.any_kept if position_mask is None else st.any_kept & position_mask
-    lse = jnp.where(valid, st.lse, 0)
-    kwt_sum = _psum(jnp.sum(kwt, axis=-1), vocab_axis_name)
-    below = jnp.where(keep, kwt * (st.m[..., None] - z), 0)
-    below_max = _psum(jnp.sum(below, axis=-1), vocab_axis_name)
-    loss = jnp.where(lost_mass, jnp.inf, (lse - st.m) * kwt_sum + below_max)
-    if smoothing_on:
+    smoothing = not is_off(label_smoothing)
+    offset = class_offset(logits.shape[-1], vocab_axis_name)
+    local = stats(logits, targets, offset, class_weights, logit_mask,
+                  softcap=softcap, smoothing=smoothing, with_argmax=with_argmax)  # fmt: skip
+    p, best, first, target_first = combine_soft_shards(*local, vocab_axis_name)
+    m = safe_shift(best)
+    valid = ~jnp.isneginf(best)  # NaN rows count as kept, so NaN propagates
+    if position_mask is not None:
+        valid = valid & position_mask
+    lse_all = lse_from_sum(p.s, m)
+    lse = jnp.where(valid, lse_all, 0)
+    mass, below, lost = p.wt_sum, p.wt_below, p.lost > 0
+    if smoothing:
+        share = label_smoothing / jnp.maximum(p.count, 1)
+        mass = (1 - label_smoothing) * mass + share * p.kw_sum
+        below = (1 - label_smoothing) * below + share * p.below_max
+        lost = lost & (label_smoothing != 1)  # dropped logits keep (1-ε) t
+    loss = jnp.where(lost, jnp.inf, (lse - m) * mass + below)
+    if smoothing:
         loss = jnp.where((label_smoothing >= 0) & (label_smoothing <= 1), loss, jnp.nan)
 
     zl = jnp.zeros_like(loss)
@@ -459,13 +692,9 @@ def soft_rows(
         zl = jnp.where(z_loss >= 0, z_loss * lse**2, jnp.nan)
         loss = loss + zl
 
-    weight = valid.astype(dtype)
+    weight = valid.astype(loss.dtype)
     correct = None
     if with_argmax:
-        offset = class_offset(logits.shape[-1], vocab_axis_name)
-        target_top = jnp.where(keep, targets.astype(dtype), -jnp.inf)
-        same = first_argmax(z, offset, vocab_axis_name) == first_argmax(
-            target_top, offset, vocab_axis_name
-        )
-        correct = jnp.where(lax.stop_gradient(same), weight, 0)
-    return Rows(jnp.where(valid, loss, 0), st.lse, jnp.where(valid, zl, 0), valid, weight, correct)
+        same = lax.stop_gradient(first == target_first)
+        correct = jnp.where(same, weight, 0)
+    return Rows(jnp.where(valid, loss, 0), lse_all, jnp.where(valid, zl, 0), valid, weight, correct)

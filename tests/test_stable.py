@@ -124,3 +124,61 @@ def test_first_argmax_prefers_the_first_maximum():
     best, first = _stable.row_max(z, 10)
     np.testing.assert_array_equal(first[0], 11)
     assert best[1] == -jnp.inf
+
+
+def test_rescale_keeps_an_empty_row_at_zero():
+    """A row with nothing kept yet (s = 0, placeholder shift 0) moved to a shift far
+    below -88: exp(0 - m) overflows, and 0 * inf must not turn the sums into NaN."""
+    empty = _stable.block_partial(
+        jnp.full((1, 3), -jnp.inf), jnp.array([0]), 0, jnp.zeros(1), None, smoothing=True
+    )
+    moved = _stable.rescale(empty, jnp.zeros(1), jnp.array([-300.0]))
+    for leaf in jax.tree.leaves(moved):
+        np.testing.assert_array_equal(leaf, 0)
+
+
+def test_soft_partial_sums_over_blocks_equal_whole_row_after_rescale():
+    z = _logits(10, (4, 19)).at[0, 3].set(-jnp.inf)
+    t = jax.nn.softmax(_logits(11, (4, 19)), axis=-1)
+    w = jax.random.uniform(jax.random.PRNGKey(12), (19,), jnp.float32) + 0.5
+    m = _stable.safe_shift(jnp.max(z, axis=-1))
+    whole = _stable.soft_sums(z, t, m, w, smoothing=True)
+    a, b = z[:, :7], z[:, 7:]
+    ma = _stable.safe_shift(jnp.max(a, axis=-1))
+    first = _stable.rescale(_stable.soft_sums(a, t[:, :7], ma, w[:7], True), ma, m)
+    second = _stable.soft_sums(b, t[:, 7:], m, w[7:], True)
+    summed = jax.tree.map(jnp.add, first, second)
+    for got, want in zip(jax.tree.leaves(summed), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("save_exp", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("smoothing", [False, True])
+def test_soft_one_pass_backward_matches_autodiff(save_exp, softcap, smoothing):
+    """`soft_grad` (both gradients, logits and targets) against autodiff of `soft_sums`,
+    with a mask, class weights, a -inf logit and a masked-out NaN."""
+    n, c = 5, 11
+    x = _logits(13, (n, c)).at[1, 3].set(-jnp.inf).at[2, 4].set(jnp.nan)
+    t = jax.nn.softmax(_logits(14, (n, c)), axis=-1)
+    mask = (jax.random.uniform(jax.random.PRNGKey(15), (n, c)) > 0.3).at[2, 4].set(False)
+    w = jax.random.uniform(jax.random.PRNGKey(16), (c,), jnp.float32) + 0.5
+    m = _stable.safe_shift(jnp.max(_stable.prepare_logits(x, mask, softcap), axis=-1))
+
+    def autodiff(x, t):
+        return _stable.soft_sums(_stable.prepare_logits(x, mask, softcap), t, m, w, smoothing)
+
+    def one_pass(x, t):
+        return _stable._soft_partial(softcap, smoothing, save_exp, x, t, m, w, mask)
+
+    want, vjp_want = jax.vjp(autodiff, x, t)
+    got, vjp_got = jax.vjp(one_pass, x, t)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    leaves = jax.tree.leaves(want)
+    keys = jax.random.split(jax.random.PRNGKey(17), len(leaves))
+    noise = [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves, strict=True)]
+    ct = jax.tree.unflatten(jax.tree.structure(want), noise)
+    for a, b in zip(vjp_got(ct), vjp_want(ct), strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,139 @@
+"""Pallas kernels: the GPU fast paths of `cross_entropy` and `soft_cross_entropy`, and
+how a call picks one.
+
+Import-guarded: if `jax.experimental.pallas` or its Triton module cannot be imported,
+`UNAVAILABLE` says why, every loss takes its XLA path, and nothing else changes.
+
+Which path a call takes (`choose`), for `implementation=`:
+- "xla": XLA everywhere.
+- "pallas": the kernel; `NotImplementedError` where it cannot serve (no GPU, float64
+  logits, Pallas missing) — except inside `interpret_mode()`, where it runs in the
+  Pallas interpreter on any backend.
+- None: the kernel when the computation is lowered for CUDA, XLA for any other platform
+  (decided at lowering by `lax.platform_dependent`, so exporting for CUDA from a CPU
+  host gets the kernel); XLA for float64 logits.
+
+The kernels lower with Triton (not Mosaic GPU, this jax's default GPU lowering): Triton
+has masked loads, so any class count and any number of rows run without padding
+copies, and it runs on the GPUs Triton supports (Ampere as well as Hopper, and ROCm),
+where Mosaic GPU targets Hopper and later with TMA-shaped tiles. The Triton kernel does
+not lower for TPU (Mosaic TPU): TPU takes the XLA path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+try:
+    from jax.experimental import pallas as _pallas  # noqa: F401
+    from jax.experimental.pallas import triton as _triton  # noqa: F401
+except Exception as err:  # ImportError, or a jax build whose Pallas fails to load
+    UNAVAILABLE: str | None = f"jax.experimental.pallas.triton cannot be imported ({err})"
+else:
+    UNAVAILABLE = None
+
+
+class Kernel(NamedTuple):
+    """The static kernel choice of one call (part of the jit cache key).
+
+    auto: pick by platform at lowering (the kernel on CUDA, XLA elsewhere);
+    interpret: run in the Pallas interpreter; block_rows / block_classes: tile
+    overrides (None: `row_stats.tile_sizes`).
+    """
+
+    auto: bool = False
+    interpret: bool = False
+    block_rows: int | None = None
+    block_classes: int | None = None
+
+
+_INTERPRET: contextvars.ContextVar[Kernel | None] = contextvars.ContextVar(
+    "jaxent_pallas_interpret", default=None
+)
+
+
+@contextlib.contextmanager
+def interpret_mode(*, block_rows: int | None = None, block_classes: int | None = None):
+    """Within this context, jaxent's Pallas kernels run in the Pallas interpreter.
+
+    The test hook: `implementation=None` and `"pallas"` then take the kernel on any
+    backend (CPU in CI), with the same wrapper, custom VJP and dispatch as on a GPU.
+    The mode is read when a loss is called and is part of its jit cache key, so
+    compiled calls never leak between modes; a function of your own that you `jax.jit`
+    keeps the mode it was traced in. `block_rows` / `block_classes` (powers of two)
+    override the tile sizes, so small inputs can exercise several tiles. Slow: for tests.
+    Inside `shard_map`, the interpreter needs `check_vma=False` (a limitation of
+    jax's Pallas interpreter; compiled kernels do not).
+
+        with jaxent.pallas.interpret_mode(block_classes=16):
+            loss = jaxent.cross_entropy(logits, labels, implementation="pallas")
+    """
+    for name, value in (("block_rows", block_rows), ("block_classes", block_classes)):
+        if value is not None and (value < 1 or value & (value - 1)):
+            raise ValueError(f"`{name}` must be a power of two, got {value}.")
+    token = _INTERPRET.set(Kernel(False, True, block_rows, block_classes))
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+
+def _why_not(dtype, interpret: bool) -> str | None:
+    """Why the kernel cannot serve logits of `dtype` here, or None if it can."""
+    if UNAVAILABLE is not None:
+        return UNAVAILABLE
+    if dtype == jnp.float64:
+        return "float64 logits: the kernel computes in float32; use implementation='xla'"
+    backend = jax.default_backend()
+    if not interpret and backend != "gpu":
+        return (
+            f"the Pallas kernel lowers with Triton for GPUs, and the backend is {backend!r}"
+            " (TPU and CPU take the XLA path: implementation='xla' or None; tests use"
+            " jaxent.pallas.interpret_mode())"
+        )
+    return None
+
+
+def choose(implementation: str | None, dtype) -> Kernel | None:
+    """The kernel a call with `implementation` and logits of `dtype` takes; None: XLA.
+
+    Runs at the Python level, before the jit-compiled core; `implementation` was
+    validated by `_checks.check_implementation`.
+    """
+    if implementation == "xla":
+        return None
+    mode = _INTERPRET.get()
+    reason = _why_not(jnp.dtype(dtype), mode is not None)
+    if implementation == "pallas":
+        if reason is not None:
+            raise NotImplementedError(f"implementation='pallas' cannot serve this call: {reason}.")
+        return mode or Kernel()
+    if UNAVAILABLE is not None or dtype == jnp.float64:
+        return None
+    return mode or Kernel(auto=True)
+
+
+def stats_for(kernel: Kernel | None, soft: bool = False):
+    """The row-statistics function of a choice: `_stable.logit_stats`'s signature
+    (integer labels), or `_stable.soft_stats`'s with `soft` (probability targets)."""
+    from .. import _stable
+
+    if kernel is None:
+        return _stable.soft_stats if soft else _stable.logit_stats
+    from . import row_stats
+
+    if kernel.auto:
+        fn = row_stats.platform_soft_stats if soft else row_stats.platform_stats
+    else:
+        fn = row_stats.kernel_soft_stats if soft else row_stats.kernel_stats
+    tiles = dict(block_rows=kernel.block_rows, block_classes=kernel.block_classes)
+    return functools.partial(fn, interpret=kernel.interpret, **tiles)
+
+
+__all__ = ["UNAVAILABLE", "Kernel", "choose", "interpret_mode", "stats_for"]

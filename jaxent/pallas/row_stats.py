@@ -1,0 +1,308 @@
+"""Row statistics of categorical logits in one read: a Pallas kernel (Triton lowering).
+
+`kernel_stats` has the signature and results of `_stable.logit_stats` (integer
+labels), `kernel_soft_stats` those of `_stable.soft_stats` (probability targets): this
+vocab shard's sums (`Partial` / `SoftPartial`), row max and first argmax. XLA reads
+the logits twice (the max, then the sums at that shift); the kernel reads them once,
+keeping per row, over tiles of the class axis, the online log-sum-exp of
+`linear/lean.py`:
+
+    best <- max(best, max_tile z);  m = safe_shift(best)
+    sums <- rescale(sums, m_old, m) + class_sums(z_tile, m)     (soft_sums for targets)
+
+with z = prepare_logits(tile) and the same `_stable` functions as the XLA path, so
+the formulas are written once. The label's fields of `Partial` (z[y], its hit flag,
+w[y]) are one gathered value per row, taken outside the kernel by
+`_stable.logit_label_terms`.
+
+Grid: one program per block of `block_rows` rows; each loops over the classes in
+tiles of `block_classes` (powers of two), with masked loads (`other=-inf`: a padding
+column is a dropped logit) for a ragged last tile and a ragged last block of rows.
+Per logit the forward reads the logit (the target, the mask, when given) once and
+writes nothing; per row it writes a few float32 sums.
+
+Backward (`jax.custom_vjp`): `_stable.partial_grad` / `_stable.soft_grad`, the one
+elementwise XLA pass of the XLA path: it reads the logits (and targets) once and
+writes their gradients once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .._stable import (
+    Partial,
+    SoftPartial,
+    class_sums,
+    kept,
+    logit_label_terms,
+    logit_stats,
+    partial_grad,
+    prepare_logits,
+    rescale,
+    safe_shift,
+    soft_grad,
+    soft_stats,
+    soft_sums,
+)
+
+TILE = 4096  # logits per (rows x classes) tile of one loop step
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+class Config(NamedTuple):
+    """Static options of one kernel call (hashable: a `custom_vjp` non-diff argument)."""
+
+    softcap: float | None
+    smoothing: bool
+    with_argmax: bool
+    interpret: bool
+    block_rows: int | None
+    block_classes: int | None
+
+
+class Out(NamedTuple):
+    """Kernel outputs, (N,) each: the row max, its first column (or None), the sums,
+    and for targets with argmax the max of the targets at kept logits and its first
+    column (else None)."""
+
+    best: Any
+    first: Any
+    sums: Any
+    target_best: Any
+    target_first: Any
+
+
+def tile_sizes(n: int, c: int, config: Config) -> tuple[int, int]:
+    """(block_rows, block_classes): up to TILE logits per loop step, all classes of a
+    row in one tile when they fit, several rows per program when rows are short."""
+    block_classes = config.block_classes or min(pl.next_power_of_2(c), TILE)
+    block_rows = config.block_rows or max(1, min(TILE // block_classes, 64))
+    return min(block_rows, pl.next_power_of_2(n)), block_classes
+
+
+def _argmax_step(arg, z, col):
+    """Running first argmax over tiles, as XLA's argmax: NaN beats every number, ties
+    go to the smaller id. arg = (key: max so far, NaN once a NaN was seen; first)."""
+    key, first = arg
+    nan = jnp.isnan(z)
+    nan_first = jnp.min(jnp.where(nan, col, _BIG), axis=-1)
+    clean = jnp.where(nan, -jnp.inf, z)  # Triton's max ignores NaN, XLA's does not
+    tile_max = jnp.max(clean, axis=-1)
+    max_first = jnp.min(jnp.where(clean == tile_max[:, None], col, _BIG), axis=-1)
+    open_ = ~jnp.isnan(key)
+    take_nan = open_ & (nan_first < _BIG)
+    take_max = open_ & (nan_first == _BIG) & (tile_max > key)
+    first = jnp.where(take_nan, nan_first, jnp.where(take_max, max_first, first))
+    key = jnp.where(take_nan, jnp.nan, jnp.where(take_max, tile_max, key))
+    return key, first
+
+
+def _kernel(x_ref, t_ref, mask_ref, w_ref, out: Out, *, n, c, block_rows, block_classes,
+            config: Config):  # fmt: skip
+    """One block of rows. Inputs: (N, C) logits; (N, C) targets, (N, C) mask, (C,)
+    float32 weights, each or None. Outputs: `Out` of (N,) refs."""
+    r0 = pl.program_id(0) * block_rows
+    rows = pl.ds(r0, block_rows)
+    row_ok = r0 + lax.iota(jnp.int32, block_rows) < n
+
+    def load(ref, cols, ok, other):
+        return None if ref is None else plgpu.load(ref.at[rows, cols], mask=ok, other=other)
+
+    def step(j, carry):
+        best, sums, arg, target_arg = carry
+        c0 = j.astype(jnp.int32) * block_classes  # int32 ids, also under jax_enable_x64
+        col = c0 + lax.iota(jnp.int32, block_classes)
+        cols = pl.ds(c0, block_classes)
+        ok = row_ok[:, None] & (col < c)[None, :]
+        z = prepare_logits(load(x_ref, cols, ok, -jnp.inf), load(mask_ref, cols, ok, False),
+                           config.softcap)  # fmt: skip
+        w = None if w_ref is None else plgpu.load(w_ref.at[cols], mask=col < c, other=0.0)
+        new_best = jnp.maximum(best, jnp.max(z, axis=-1))
+        m = safe_shift(new_best)
+        if t_ref is None:
+            tile = class_sums(z, m, w, config.smoothing)
+        else:
+            t = load(t_ref, cols, ok, 0.0).astype(z.dtype)
+            tile = soft_sums(z, t, m, w, config.smoothing)
+            if target_arg is not None:
+                target_arg = _argmax_step(target_arg, jnp.where(kept(z), t, -jnp.inf), col)
+        sums = jax.tree.map(jnp.add, rescale(sums, safe_shift(best), m), tile)
+        arg = None if arg is None else _argmax_step(arg, z, col)
+        return new_best, sums, arg, target_arg
+
+    zeros = jnp.zeros((block_rows,), jnp.float32)
+    no_arg = (zeros - jnp.inf, jnp.zeros((block_rows,), jnp.int32))
+    init = (
+        zeros - jnp.inf,
+        jax.tree.map(lambda _: zeros, out.sums),
+        None if out.first is None else no_arg,
+        None if out.target_first is None else no_arg,
+    )
+    best, sums, arg, target_arg = lax.fori_loop(0, pl.cdiv(c, block_classes), step, init)
+    results = Out(best, None if arg is None else arg[1], sums,
+                  *(None, None) if target_arg is None else target_arg)  # fmt: skip
+    for ref, value in zip(jax.tree.leaves(out), jax.tree.leaves(results), strict=True):
+        plgpu.store(ref.at[rows], value, mask=row_ok)
+
+
+def _like(x, shape, dtype) -> jax.ShapeDtypeStruct:
+    """An output type that varies over the mesh axes `x` varies over: inside
+    `shard_map`, pallas_call needs to be told (jax <= 0.9 calls it `vma`)."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "manual_axis_type"):
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.manual_axis_type)
+    return jax.ShapeDtypeStruct(shape, dtype, vma=getattr(aval, "vma", frozenset()))
+
+
+def _launch(config: Config, x, t, mask, weights) -> Out:
+    """The kernel on (N, C) logits; (N, C) targets, (N, C) mask and (C,) float32
+    weights, each or None. Sums come back with the label fields of `Partial` None."""
+    n, c = x.shape
+    block_rows, block_classes = tile_sizes(n, c, config)
+    row, ids = _like(x, (n,), jnp.float32), _like(x, (n,), jnp.int32)
+    extra = dict(kw_sum=row, below_max=row, count=row) if config.smoothing else {}
+    if t is None:
+        sums = Partial(s=row, z_label=None, label_hits=None, **extra)
+    else:
+        sums = SoftPartial(s=row, wt_sum=row, wt_below=row, lost=row, **extra)
+    argmax = config.with_argmax
+    out_shape = Out(row, ids if argmax else None, sums,
+                    *(row, ids) if argmax and t is not None else (None, None))  # fmt: skip
+    kernel = functools.partial(
+        _kernel, n=n, c=c, block_rows=block_rows, block_classes=block_classes, config=config
+    )
+    num_warps = 4 if block_rows * block_classes < TILE else 8
+    return pl.pallas_call(
+        lambda *refs: kernel(*refs[:4], Out(*refs[4:])),
+        out_shape=out_shape,
+        grid=(pl.cdiv(n, block_rows),),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        interpret=config.interpret,
+        name="jaxent_row_stats",
+    )(x, t, mask, weights)
+
+
+def _rows(config: Config, logits, targets, class_weights, logit_mask, offset) -> Out:
+    """`_launch` on any leading shape; results in that shape, argmax ids global."""
+    lead, c = logits.shape[:-1], logits.shape[-1]
+    n = math.prod(lead)
+
+    def flat(a):
+        return None if a is None else jnp.broadcast_to(a, logits.shape).reshape(n, c)
+
+    weights = None if class_weights is None else class_weights.astype(jnp.float32)
+    out = _launch(config, flat(logits), flat(targets), flat(logit_mask), weights)
+    out = jax.tree.map(lambda a: a.reshape(lead), out)
+    # Triton's max skips NaN; a NaN among the kept logits always reaches s, so the
+    # max is NaN exactly where XLA's is (and for a +inf logit, where s is NaN too).
+    best = jnp.where(jnp.isnan(out.sums.s), jnp.nan, out.best)
+    first, target_first = (None if a is None else a + offset for a in (out.first, out.target_first))
+    return out._replace(best=best, first=first, target_first=target_first)
+
+
+# Integer labels.
+
+
+def _forward(config: Config, logits, labels, offset, class_weights, logit_mask):
+    out = _rows(config, logits, None, class_weights, logit_mask, offset)
+    mask = None if logit_mask is None else jnp.broadcast_to(logit_mask, logits.shape)
+    labelled = logit_label_terms(logits, labels, offset, class_weights, mask, config.softcap)
+    return out.sums._replace(**labelled), out.best, out.first
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stats(config: Config, logits, labels, offset, class_weights, logit_mask):
+    return _forward(config, logits, labels, offset, class_weights, logit_mask)
+
+
+def _stats_fwd(config: Config, logits, labels, offset, class_weights, logit_mask):
+    partial, best, first = _forward(config, logits, labels, offset, class_weights, logit_mask)
+    hit = partial.label_hits > 0
+    residuals = (logits, labels, offset, safe_shift(best), class_weights, logit_mask, hit)
+    return (partial, best, first), residuals
+
+
+def _stats_bwd(config: Config, residuals, cotangents):
+    logits, labels, offset, m, class_weights, logit_mask, hit = residuals
+    ct = cotangents[0]  # best and first are gradient-free (the shift, the argmax)
+    grad = partial_grad(ct, logits, labels, offset, m, class_weights, logit_mask, hit,
+                        config.softcap, config.smoothing, None)  # fmt: skip
+    return grad, None, None, None, None
+
+
+_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+def kernel_stats(logits, labels, offset, class_weights, logit_mask, *, softcap, smoothing,
+                 with_argmax, interpret=False, block_rows=None, block_classes=None):  # fmt: skip
+    """`_stable.logit_stats` with the forward in one Pallas kernel; same shapes and
+    results. `interpret` runs the kernel in the Pallas interpreter (any backend);
+    `block_rows` / `block_classes` (powers of two) override `tile_sizes`."""
+    config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes)
+    return _stats(config, logits, labels, offset, class_weights, logit_mask)
+
+
+# Probability targets.
+
+
+def _soft_forward(config: Config, logits, targets, offset, class_weights, logit_mask):
+    out = _rows(config, logits, targets, class_weights, logit_mask, offset)
+    return out.sums, out.best, out.first, out.target_best, out.target_first
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _soft_stats(config: Config, logits, targets, offset, class_weights, logit_mask):
+    return _soft_forward(config, logits, targets, offset, class_weights, logit_mask)
+
+
+def _soft_stats_fwd(config: Config, logits, targets, offset, class_weights, logit_mask):
+    out = _soft_forward(config, logits, targets, offset, class_weights, logit_mask)
+    return out, (logits, targets, safe_shift(out[1]), class_weights, logit_mask)
+
+
+def _soft_stats_bwd(config: Config, residuals, cotangents):
+    logits, targets, m, class_weights, logit_mask = residuals
+    grads = soft_grad(cotangents[0], logits, targets, m, class_weights, logit_mask,
+                      config.softcap, config.smoothing, None)  # fmt: skip
+    return *grads, None, None, None
+
+
+_soft_stats.defvjp(_soft_stats_fwd, _soft_stats_bwd)
+
+
+def kernel_soft_stats(logits, targets, offset, class_weights, logit_mask, *, softcap,
+                      smoothing, with_argmax, interpret=False, block_rows=None,
+                      block_classes=None):  # fmt: skip
+    """`_stable.soft_stats` with the forward in one Pallas kernel (reads the logits and
+    the targets once); options as in `kernel_stats`."""
+    config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes)
+    return _soft_stats(config, logits, targets, offset, class_weights, logit_mask)
+
+
+def on_cuda(kernel_fn, xla_fn):
+    """`kernel_fn` where the computation is lowered for CUDA, `xla_fn` on every other
+    platform; chosen at lowering, so one traced function serves both. Both take the
+    positional arguments of the stats functions above and their keyword options."""
+
+    def run(*args, softcap, smoothing, with_argmax, **kernel_options):
+        options = dict(softcap=softcap, smoothing=smoothing, with_argmax=with_argmax)
+        return lax.platform_dependent(
+            *args,
+            cuda=functools.partial(kernel_fn, **options, **kernel_options),
+            default=functools.partial(xla_fn, **options),
+        )
+
+    return run
+
+
+platform_stats = on_cuda(kernel_stats, logit_stats)
+platform_soft_stats = on_cuda(kernel_soft_stats, soft_stats)

@@ -1,0 +1,72 @@
+"""`implementation=`: validation, where "pallas" cannot serve, and what None picks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxent
+import jaxent.pallas
+from jaxent.pallas import interpret_mode
+
+X = jnp.zeros((4, 10), jnp.float32)
+Y = jnp.zeros((4,), jnp.int32)
+
+
+def jaxpr(fn, **kw) -> str:
+    return str(jax.make_jaxpr(lambda x, y: fn(x, y, **kw))(X, Y))
+
+
+@pytest.mark.parametrize("fn", [jaxent.cross_entropy, jaxent.soft_cross_entropy])
+@pytest.mark.parametrize("bad", ["triton", "XLA", 1])
+def test_unknown_implementation_is_a_clear_error(fn, bad):
+    y = Y if fn is jaxent.cross_entropy else X
+    expected = r"`implementation` must be one of \(None, 'xla', 'pallas'\), got"
+    with pytest.raises(ValueError, match=expected):
+        fn(X, y, implementation=bad)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the kernel serves on a GPU")
+def test_pallas_without_a_gpu_says_why():
+    expected = f"lowers with Triton for GPUs.*'{jax.default_backend()}'"
+    with pytest.raises(NotImplementedError, match=expected):
+        jaxent.cross_entropy(X, Y, implementation="pallas")
+    with pytest.raises(NotImplementedError, match=expected):
+        jaxent.soft_cross_entropy(X, X, implementation="pallas")
+
+
+def test_pallas_refuses_float64_even_when_interpreted():
+    with interpret_mode(), pytest.raises(NotImplementedError, match="float64"):
+        jaxent.cross_entropy(X.astype(jnp.float64), Y, implementation="pallas")
+    loss = jaxent.cross_entropy(X.astype(jnp.float64), Y)  # None: XLA serves float64
+    assert loss.dtype == jnp.float64
+
+
+def test_default_is_platform_dependent_and_interpret_mode_is_its_own_cache_entry():
+    """None outside interpret mode: the kernel only in the CUDA branch of a
+    platform-dependent choice (CPU runs XLA); inside: the interpreted kernel. The mode
+    is a static argument of the jitted core, so the two never share a compilation."""
+    outside = jaxpr(jaxent.cross_entropy)
+    assert "platform_index" in outside and "pallas_call" in outside
+    with interpret_mode():
+        inside = jaxpr(jaxent.cross_entropy)
+    assert "platform_index" not in inside and "pallas_call" in inside
+    assert "pallas_call" not in jaxpr(jaxent.cross_entropy, implementation="xla")
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 10), jnp.float32)
+    want = jaxent.cross_entropy(x, Y, implementation="xla")
+    np.testing.assert_allclose(jaxent.cross_entropy(x, Y), want, rtol=1e-6)
+    with interpret_mode():
+        np.testing.assert_allclose(jaxent.cross_entropy(x, Y), want, rtol=1e-6)
+
+
+def test_without_pallas_everything_takes_xla(monkeypatch):
+    monkeypatch.setattr(jaxent.pallas, "UNAVAILABLE", "no Pallas here")
+    assert "pallas_call" not in jaxpr(jaxent.cross_entropy)
+    with interpret_mode(), pytest.raises(NotImplementedError, match="no Pallas here"):
+        jaxent.cross_entropy(X, Y, implementation="pallas")
+
+
+def test_interpret_mode_checks_its_tiles():
+    expected = "`block_classes` must be a power of two, got 24"
+    with pytest.raises(ValueError, match=expected), interpret_mode(block_classes=24):
+        pass

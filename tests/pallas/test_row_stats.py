@@ -1,0 +1,167 @@
+"""The row-statistics kernel, run in the Pallas interpreter, against the XLA path.
+
+`kernel_stats` and `_stable.logit_stats` have one signature and the same results: the
+`Partial` sums (at the shift of the row max), the row max and the first argmax. Small
+tiles make every case cross several tiles, a ragged last tile and a ragged last block
+of rows.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxent import _stable
+from jaxent.pallas.row_stats import kernel_soft_stats, kernel_stats
+
+F32 = jnp.float32
+
+
+def logits_with_edge_rows(n, c, dtype, seed=0):
+    """Random logits with the rows the kernel must get right: a -inf logit, a row with
+    nothing kept, a NaN, a row far below -88 (exp(0 - m) overflows), tied maxima."""
+    x = jax.random.normal(jax.random.PRNGKey(seed), (n, c), F32) * 3
+    if n >= 6 and c >= 3:
+        x = x.at[0, 1].set(-jnp.inf)
+        x = x.at[1].set(-jnp.inf)
+        x = x.at[2, c - 1].set(jnp.nan)
+        x = x.at[3].add(-300.0)
+        x = x.at[4, :].set(1.0).at[4, c // 2 :].set(2.0)  # first max in the middle
+        x = x.at[5, c - 1].set(50.0)  # max in the ragged last tile
+    return x.astype(dtype)
+
+
+def both(x, labels, offset, weights, mask, **options):
+    """(kernel, XLA) statistics; jitted, so each is one compilation (eager is slower)."""
+    xla = functools.partial(_stable.logit_stats, **options)
+    kernel = functools.partial(
+        kernel_stats, **options, interpret=True, block_rows=4, block_classes=16
+    )
+    args = (x, labels, offset, weights, mask)
+    return jax.jit(kernel)(*args), jax.jit(xla)(*args)
+
+
+def assert_same_stats(got, want, rtol):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6)  # NaN == NaN here
+
+
+# C = 1; odd C and N; C a multiple of the tile and N of the row block; both ragged.
+SIZES = [(1, 1, F32), (9, 37, jnp.bfloat16), (8, 64, F32), (13, 100, jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("n,c,dtype", SIZES)
+def test_plain_statistics_match_xla(n, c, dtype):
+    x = logits_with_edge_rows(n, c, dtype)
+    labels = jax.random.randint(jax.random.PRNGKey(1), (n,), 0, c)
+    options = dict(softcap=None, smoothing=False, with_argmax=True)
+    got, want = both(x, labels, 0, None, None, **options)
+    assert_same_stats(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n,c", [(1, 1), (13, 100)])
+def test_every_option_matches_xla(n, c):
+    x = logits_with_edge_rows(n, c, jnp.float16, seed=2)
+    offset = 5  # this block holds classes 5..5+C-1 of a larger vocabulary
+    labels = jax.random.randint(jax.random.PRNGKey(3), (n,), 0, c + 10)  # some outside
+    weights = jax.random.uniform(jax.random.PRNGKey(4), (c,), F32, 0.2, 2.0)
+    mask = jax.random.uniform(jax.random.PRNGKey(5), (n, c)) > 0.3
+    options = dict(softcap=3.0, smoothing=True, with_argmax=True)
+    got, want = both(x, labels, offset, weights, mask, **options)
+    assert_same_stats(got, want, rtol=1e-5)
+
+
+def test_masked_nan_and_inf_never_leak():
+    x = jnp.array([[1.0, jnp.nan, jnp.inf, 0.5], [jnp.nan, 2.0, 1.0, 0.0]], F32)
+    mask = jnp.array([[True, False, False, True], [True, True, True, True]])
+    options = dict(softcap=None, smoothing=True, with_argmax=True)
+    got, want = both(x, jnp.array([0, 1]), 0, None, mask, **options)
+    assert_same_stats(got, want, rtol=1e-6)
+    partial, best, first = got
+    assert np.isfinite(partial.s[0]) and best[0] == 1.0
+    assert np.isnan(partial.s[1]) and np.isnan(best[1]) and first[1] == 0  # NaN is the max
+
+
+def test_values_against_numpy():
+    """Independent of both implementations: float64 NumPy sums of one ragged row block."""
+    x = logits_with_edge_rows(7, 45, F32, seed=6)[6:]
+    labels = jnp.array([44])
+    weights = np.linspace(0.5, 1.5, 45)
+    (partial, best, first), _ = both(
+        x, labels, 0, jnp.asarray(weights, F32), None,
+        softcap=None, smoothing=True, with_argmax=True,
+    )  # fmt: skip
+    row = np.asarray(x[0], np.float64)
+    m = row.max()
+    np.testing.assert_allclose(best[0], m, rtol=1e-6)
+    assert first[0] == int(np.argmax(row))
+    np.testing.assert_allclose(partial.s[0], np.exp(row - m).sum(), rtol=1e-5)
+    np.testing.assert_allclose(partial.z_label[0], row[44], rtol=1e-6)
+    np.testing.assert_allclose(partial.w_label[0], weights[44], rtol=1e-6)
+    np.testing.assert_allclose(partial.below_max[0], (weights * (m - row)).sum(), rtol=1e-5)
+    np.testing.assert_allclose(partial.kw_sum[0], weights.sum(), rtol=1e-6)
+    assert partial.count[0] == 45
+
+
+def test_gradient_is_the_one_pass_formula():
+    """The kernel's custom VJP (the shared `_stable.partial_grad`) against autodiff of
+    the XLA statistics, for random cotangents of every sum."""
+    n, c = 6, 21
+    x = logits_with_edge_rows(n, c, F32, seed=8)
+    x = x.at[2, c - 1].set(0.0)  # no NaN: compare finite gradients
+    labels = jax.random.randint(jax.random.PRNGKey(9), (n,), 0, c)
+    weights = jax.random.uniform(jax.random.PRNGKey(10), (c,), F32, 0.2, 2.0)
+    mask = jax.random.uniform(jax.random.PRNGKey(11), (n, c)) > 0.2
+    options = dict(softcap=2.5, smoothing=True, with_argmax=False)
+
+    def autodiff(x):
+        z = _stable.prepare_logits(x, mask, 2.5)
+        m = _stable.safe_shift(jnp.max(z, axis=-1))
+        return _stable.block_partial(z, labels, 0, m, weights, True)
+
+    def kernel(x):
+        partial, _, _ = kernel_stats(x, labels, 0, weights, mask, **options, interpret=True,
+                                     block_rows=2, block_classes=8)  # fmt: skip
+        return partial
+
+    want, vjp_want = jax.vjp(jax.jit(autodiff), x)
+    got, vjp_got = jax.vjp(jax.jit(kernel), x)
+    leaves = jax.tree.leaves(want)
+    keys = jax.random.split(jax.random.PRNGKey(12), len(leaves))
+    noise = [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves, strict=True)]
+    ct = jax.tree.unflatten(jax.tree.structure(want), noise)
+    (g_got,), (g_want,) = jax.jit(vjp_got)(ct), jax.jit(vjp_want)(ct)
+    assert np.all(np.isfinite(g_got)) and np.any(g_got != 0)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(g_got)[~np.asarray(mask)] == 0)
+
+
+@pytest.mark.parametrize("options", [
+    dict(softcap=None, smoothing=False, with_argmax=False),
+    dict(softcap=3.0, smoothing=True, with_argmax=True),
+])  # fmt: skip
+def test_soft_statistics_match_xla(options):
+    """Probability targets: `kernel_soft_stats` against `_stable.soft_stats`, with target
+    mass on a dropped logit (the `lost` count), NaN and tied targets."""
+    n, c = 9, 37
+    x = logits_with_edge_rows(n, c, jnp.bfloat16, seed=13)
+    t = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(14), (n, c), F32), axis=-1)
+    t = t.at[0, 1].set(0.5).at[6, 30].set(jnp.nan).at[7, 3].set(1.0).at[7, 20].set(1.0)
+    weights = jax.random.uniform(jax.random.PRNGKey(15), (c,), F32, 0.2, 2.0)
+    mask = jax.random.uniform(jax.random.PRNGKey(16), (n, c)) > 0.2
+    args = (x, t, 3, weights, mask)
+    want = jax.jit(functools.partial(_stable.soft_stats, **options))(*args)
+    kernel = functools.partial(
+        kernel_soft_stats, **options, interpret=True, block_rows=4, block_classes=16
+    )
+    got = jax.jit(kernel)(*args)
+    assert_same_stats(got, want, rtol=1e-5)
+    dropped = ~np.asarray(mask[0]) | np.isneginf(np.asarray(x[0], np.float32))
+    assert got[0].lost[0] == dropped.sum() > 0  # every target of row 0 is positive
