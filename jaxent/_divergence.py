@@ -58,7 +58,11 @@ def _kl_divergence(
     lse_t = jnp.where(valid, teacher.lse, 0)[..., None]
     p_t = teacher.e / jnp.where(valid, teacher.s, 1)[..., None]
     # Each term p_t (log p_t - log p_s) directly: no cancellation between large sums.
-    terms = jnp.where(keep_t & kept(zs), p_t * ((zt - lse_t) - (zs - lse_s)), 0)
+    # Dropped logits enter as 0, not -inf: the unselected branch of a `where` still
+    # gets a zero cotangent, and 0 * inf there would make the row's gradient NaN.
+    both = keep_t & kept(zs)
+    zt0, zs0 = jnp.where(both, zt, 0), jnp.where(both, zs, 0)
+    terms = jnp.where(both, p_t * ((zt0 - lse_t) - (zs0 - lse_s)), 0)
     kl = _psum(jnp.sum(terms, axis=-1), vocab_axis_name)
     # Teacher mass on a logit the student cannot produce: the divergence is infinite.
     unreachable = _psum(jnp.sum(keep_t & ~kept(zs), axis=-1), vocab_axis_name) > 0

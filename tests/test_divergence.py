@@ -57,6 +57,22 @@ def test_minus_inf_targets_contribute_zero():
     assert unreachable[1] == np.inf
 
 
+def test_minus_inf_teacher_logit_is_a_removed_class_for_both_gradients():
+    """A -inf teacher logit (with a -inf student logit there too) is the same as
+    deleting that class: loss and both gradients equal those of the smaller row, and
+    the dropped entries get exactly zero gradient (never NaN)."""
+    s, t = make(5, (1, 5))
+    kept = [0, 2, 3, 4]
+    t_inf, s_inf = t.at[0, 1].set(-jnp.inf), s.at[0, 1].set(-jnp.inf)
+    grad = jax.value_and_grad(lambda a, b: jaxent.kl_divergence(a, b), argnums=(0, 1))
+    got, (gs, gt) = grad(s_inf, t_inf)
+    want, (ws, wt) = grad(s[:, kept], t[:, kept])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(gs[:, kept], ws, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gt[:, kept], wt, rtol=1e-5, atol=1e-7)
+    assert gs[0, 1] == 0 and gt[0, 1] == 0
+
+
 def test_where_positions_and_self_divergence():
     s, t = make(4, (4, 5))
     mask = jnp.array([True, False, True, False])
