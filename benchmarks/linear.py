@@ -13,6 +13,7 @@ import optax
 
 import jaxent
 
+from .one_device import HIDDEN, POSITIONS, TABLE, on_one_device
 from .timing import measure, notice
 
 FLOOR = "floor"
@@ -32,6 +33,9 @@ IMPLEMENTATIONS = {
     "jaxent chunked": _jaxent("chunked"),
     "jaxent lean": _jaxent("lean"),
     "jaxent xla": _jaxent("xla"),
+    "jaxent sharded, 1 device": on_one_device(
+        jaxent.linear_cross_entropy, (HIDDEN, TABLE, POSITIONS)
+    ),
     "optax (materialised)": optax_materialised,
 }
 

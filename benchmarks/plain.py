@@ -13,6 +13,7 @@ import optax
 
 import jaxent
 
+from .one_device import LOGITS, POSITIONS, on_one_device
 from .timing import measure, notice
 
 FLOOR = "floor"
@@ -28,6 +29,7 @@ IMPLEMENTATIONS = {
     "jaxent xla": lambda x, y: jaxent.cross_entropy(x, y, implementation="xla"),
     # GPU only: elsewhere it raises NotImplementedError and `measure` skips it with a notice.
     "jaxent pallas": lambda x, y: jaxent.cross_entropy(x, y, implementation="pallas"),
+    "jaxent sharded, 1 device": on_one_device(jaxent.cross_entropy, (LOGITS, POSITIONS)),
     "optax": lambda x, y: optax.losses.softmax_cross_entropy_with_integer_labels(x, y).mean(),
     "naive jnp": naive_loss,
 }

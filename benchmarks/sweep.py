@@ -1,0 +1,96 @@
+"""Tile and block-size sweeps, for tuning the defaults on an accelerator.
+
+    python -m benchmarks.sweep row_stats   # Pallas forward kernel: (block_rows, block_classes)
+    python -m benchmarks.sweep chunked     # linear_cross_entropy: tokens per block
+    python -m benchmarks.sweep lean        # linear_cross_entropy "lean": classes per block
+
+Each line is a time over the floor measured in the same run (row_stats: one read +
+write pass over the logits, so the ideal for a read-only forward is 0.5; chunked and
+lean: the three matmuls of forward + backward), and the compiled temp memory. The
+defaults in jaxent are what the first GPU sweep should confirm or replace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import jaxent
+
+from . import linear, plain
+from .timing import measure
+
+LLAMA3 = (8192, 4096, 128256)
+
+
+def row_stats(repeats: int) -> list[dict]:
+    from jaxent.pallas.row_stats import kernel_stats
+
+    n, c = LLAMA3[0], LLAMA3[2]
+    x, y = plain.inputs(n, c, jnp.bfloat16)
+
+    def forward(block_rows, block_classes):
+        def f(x, y):
+            stats = kernel_stats(x, y, 0, None, None, softcap=None, smoothing=False,
+                                 with_argmax=False, block_rows=block_rows,
+                                 block_classes=block_classes)  # fmt: skip
+            return stats[0].s
+
+        return f
+
+    tiles = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (2, 2048), (2, 4096),
+             (4, 1024), (4, 2048), (8, 512)]  # fmt: skip
+    fns = {"floor": lambda x, y: 2 * x}
+    fns.update({f"rows={r} classes={k}": forward(r, k) for r, k in tiles})
+    results = measure(fns, dict.fromkeys(fns, (x, y)), repeats)
+    floor = results.pop("floor")["seconds"]
+    return [{"case": k, "N": n, "C": c, "ratio": v["seconds"] / floor, **v}
+            for k, v in results.items()]  # fmt: skip
+
+
+def blocks(impl: str, sizes, repeats: int) -> list[dict]:
+    n, d, v = LLAMA3
+    x, w, y = linear.inputs(n, d, v, jnp.bfloat16)
+    g = (jax.random.normal(jax.random.PRNGKey(1), (n, v), jnp.float32) * 1e-3).astype(x.dtype)
+
+    def step(block):
+        def loss(x, w, y):
+            return jaxent.linear_cross_entropy(x, w, y, implementation=impl, block_size=block)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))
+
+    fns = {"floor": linear.three_matmuls}
+    fns.update({f"{impl} block={b}": step(b) for b in sizes})
+    args = {k: (x, w, g) if k == "floor" else (x, w, y) for k in fns}
+    results = measure(fns, args, repeats)
+    floor = results.pop("floor")["seconds"]
+    return [{"case": k, "N": n, "D": d, "V": v, "ratio": r["seconds"] / floor, **r}
+            for k, r in results.items()]  # fmt: skip
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__)
+    p.add_argument("what", choices=["row_stats", "chunked", "lean"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.what == "row_stats":
+        rows = row_stats(args.repeats)
+    elif args.what == "chunked":
+        rows = blocks("chunked", [256, 512, 1024, 2048], args.repeats)
+    else:
+        rows = blocks("lean", [1024, 2048, 4096, 8192, 16384], args.repeats)
+    for r in rows:
+        print(f"{r['case']:28s} {r['ratio']:6.3f} x floor  {r['seconds'] * 1e3:8.2f} ms  "
+              f"temp {r['temp_bytes'] / 2**20:9.1f} MiB")  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": str(jax.devices()[0]), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
