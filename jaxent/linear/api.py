@@ -38,38 +38,50 @@ def default_block_size(num_tokens: int, vocab: int, backend: str | None = None) 
     return block
 
 
+# Bytes of one (N, Bv) block of float32 logits for "lean", by backend: with its
+# gradient and the (N, D) float32 dx accumulator this is most of its memory.
+_VOCAB_BLOCK_BYTES = {"cpu": 8 << 20, "gpu": 64 << 20, "tpu": 64 << 20}
+
+
 def default_vocab_block_size(num_tokens: int, vocab: int, backend: str | None = None) -> int:
-    """Classes per block for "lean": the largest power of two whose (N, Bv) float32
-    logits fit the backend's budget, between 128 and 8192, and no larger than V."""
+    """Classes per block for "lean": the most whose (N, Bv) float32 logits fit the
+    backend's budget (128 to 8192, at most V), lowered to a divisor of V when one lies
+    within a factor 2: then `w` is viewed as blocks with no padded copy of it."""
     backend = backend or jax.default_backend()
-    budget = _BLOCK_BYTES.get(backend, _BLOCK_BYTES["gpu"]) // 4
-    block = 128
-    while block < 8192 and 2 * block * max(num_tokens, 1) * 4 <= budget:
-        block *= 2
-    return max(1, min(block, vocab))
+    budget = _VOCAB_BLOCK_BYTES.get(backend, _VOCAB_BLOCK_BYTES["gpu"])
+    return dividing_block(vocab, max(budget // (4 * max(num_tokens, 1)), 128), 8192)
 
 
-def _cut(a, num_blocks: int, block: int, fill=0, strided: bool = False):
-    """(N, ...) -> (num_blocks, block, ...), padding the end with `fill`.
+def dividing_block(vocab: int, block: int, largest: int | None = None) -> int:
+    """`block` (at most `largest` and V), lowered to the largest divisor of V in
+    [block / 2, block] when there is one. A block that divides V lets "lean" view `w`
+    as (Bv, nb, D) blocks in place; otherwise V is padded, which copies `w`."""
+    block = max(1, min(block, largest or block, vocab))
+    num_blocks = -(-vocab // block)
+    for k in range(num_blocks, 2 * num_blocks + 1):
+        if vocab % k == 0:
+            return vocab // k
+    return block
 
-    Contiguous blocks, or strided ones (block i holds rows i, i + num_blocks, ...):
-    a split of N over devices (contiguous rows per device) then stays a split of each
-    block's rows, so under `jit` with sharded inputs XLA runs the block loop without
-    gathering the rows.
+
+def _cut(a, num_blocks: int, block: int, fill=0):
+    """(N, ...) -> (block, num_blocks, ...) strided blocks: block i (index i of axis 1)
+    holds rows i, i + num_blocks, ... . The end is padded with `fill`; otherwise it is
+    a reshape, no copy. A split of N over devices (contiguous rows per device) stays a
+    split of every block's rows, so under `jit` with sharded inputs XLA runs the block
+    loop without gathering the rows.
     """
     if a is None:
         return None
     pad = num_blocks * block - a.shape[0]
     a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-    if not strided:
-        return a.reshape((num_blocks, block) + a.shape[1:])
-    return jnp.moveaxis(a.reshape((block, num_blocks) + a.shape[1:]), 1, 0)
+    return a.reshape((block, num_blocks) + a.shape[1:])
 
 
 def _uncut(a: jax.Array, n: int) -> jax.Array:
-    """Inverse of a strided `_cut` for (num_blocks, block, ...) results: the first n rows."""
-    a = jnp.moveaxis(a, 0, 1)
-    return a.reshape((-1,) + a.shape[2:])[:n]
+    """(num_blocks, block) per-block results of the block loop -> the first n rows, in
+    the order of `_cut`'s input."""
+    return jnp.swapaxes(a, 0, 1).reshape(-1)[:n]
 
 
 def _static(options: dict, return_aux: bool) -> chunked.Static:
@@ -102,21 +114,20 @@ def _chunked(
     lead = x.shape[:-1]
     n = math.prod(lead)
     block = block_size or default_block_size(n, w.shape[0])
-    num_blocks = -(-n // block)
+    num_blocks = max(1, -(-n // block))  # an empty batch runs one all-padding block
     pmask = jnp.ones(lead, bool) if position_mask is None else position_mask
     st = _static(options, return_aux)
     ops = chunked.Operands(
-        x=_cut(x.reshape(n, x.shape[-1]), num_blocks, block, strided=True),
+        x=_cut(x.reshape(n, x.shape[-1]), num_blocks, block),
         w=w,
         bias=bias,
-        labels=_cut(labels.reshape(n), num_blocks, block, strided=True),
-        position_mask=_cut(pmask.reshape(n), num_blocks, block, fill=False, strided=True),
+        labels=_cut(labels.reshape(n), num_blocks, block),
+        position_mask=_cut(pmask.reshape(n), num_blocks, block, fill=False),
         logit_mask=_cut(
             None if logit_mask is None else logit_mask.reshape(n, -1),
             num_blocks,
             block,
             fill=False,
-            strided=True,
         ),
         class_weights=options["class_weights"],
         ls=None if st.label_smoothing is not None else options["label_smoothing"],
@@ -160,7 +171,7 @@ def _lean(
     block_size,
 ):
     n, vocab = math.prod(x.shape[:-1]), w.shape[0]
-    block = block_size or default_vocab_block_size(n, vocab)
+    block = dividing_block(vocab, block_size) if block_size else default_vocab_block_size(n, vocab)
     num_blocks = -(-vocab // block)
 
     def by_block(a, axis=0, fill=0):
@@ -329,7 +340,8 @@ def linear_cross_entropy(
         "lean" (pure JAX, vocabulary blocks: the least memory, one extra matmul),
         "pallas" (not available yet: raises NotImplementedError).
       block_size: tokens per block for "chunked" (default `default_block_size`),
-        classes per block for "lean" (default `default_vocab_block_size`).
+        classes per block for "lean" (default `default_vocab_block_size`; lowered to a
+        divisor of V within a factor 2 when there is one, so `w` is used in place).
 
     Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32),
     not to `class_weights` or the scalar options. The matmuls run in the inputs'

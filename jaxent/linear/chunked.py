@@ -44,9 +44,10 @@ class Static(NamedTuple):
 
 
 class Operands(NamedTuple):
-    """Arrays of one call, positions cut into blocks: x (nb, B, D), labels and
-    position_mask (nb, B), logit_mask (nb, B, V) or None; w (V, D); bias, class_weights
-    (V,) or None; ls, z_loss scalar arrays or None (then static)."""
+    """Arrays of one call, positions cut into nb strided blocks of B (block i is index i
+    of axis 1: rows i, i + nb, ...): x (B, nb, D), labels and position_mask (B, nb),
+    logit_mask (B, nb, V) or None; w (V, D); bias, class_weights (V,) or None; ls,
+    z_loss scalar arrays or None (then static)."""
 
     x: jax.Array
     w: jax.Array
@@ -79,17 +80,36 @@ def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask) 
     )
 
 
-def _blocks(ops: Operands):
-    """What `lax.scan` iterates over: one block of positions at a time."""
-    return ops.x, ops.labels, ops.position_mask, ops.logit_mask
+def _block(ops: Operands, i):
+    """Block i of the positions: x (B, D), labels, position_mask (B,), logit_mask (B, V).
+
+    Indexing axis 1 of the (B, nb, ...) views reads the block where it lies: the
+    blocks are never stacked into a transposed copy of x.
+    """
+
+    def take(a):
+        return None if a is None else lax.dynamic_index_in_dim(a, i, 1, keepdims=False)
+
+    return take(ops.x), take(ops.labels), take(ops.position_mask), take(ops.logit_mask)
+
+
+def _indices(ops: Operands):
+    return jnp.arange(ops.x.shape[1], dtype=jnp.int32)
+
+
+def _put(buffer, block, i):
+    """Write block i (B, ...) into its place in a (B, nb, ...) buffer (in place in a loop)."""
+    return lax.dynamic_update_index_in_dim(buffer, block, i, 1)
 
 
 def _forward(st: Static, ops: Operands) -> Rows:
-    def step(carry, block):
-        xb, labels, pmask, lmask = block
+    """Per-position rows, (nb, B) each."""
+
+    def step(carry, i):
+        xb, labels, pmask, lmask = _block(ops, i)
         return carry, _rows(st, ops, project(xb, ops.w, ops.bias), labels, pmask, lmask)
 
-    return lax.scan(step, None, _blocks(ops))[1]
+    return lax.scan(step, None, _indices(ops))[1]
 
 
 def _logit_grad_to_params(st: Static, ops: Operands, xb, dlogits, acc):
@@ -108,12 +128,15 @@ def _logit_grad_to_params(st: Static, ops: Operands, xb, dlogits, acc):
     return dx.astype(ops.x.dtype), (dw, db)
 
 
-def _zero_acc(ops: Operands):
-    """Float32 (float64 for float64 w) accumulators for dw and dbias."""
+def _zero_acc(st: Static, ops: Operands):
+    """Float32 (float64 for float64 w) accumulators for dw and dbias, and the (B, nb, D)
+    dx buffer in x's dtype that each block's dx is written into (summed over the
+    vocabulary shards before, so it does not vary over that axis)."""
     acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
     refs = jax.tree.leaves(ops)
     db = None if ops.bias is None else varying_like(jnp.zeros(ops.bias.shape, acc), refs)
-    return varying_like(jnp.zeros(ops.w.shape, acc), refs), db
+    dx = varying_like(jnp.zeros(ops.x.shape, ops.x.dtype), refs, st.vocab_axis_name)
+    return (varying_like(jnp.zeros(ops.w.shape, acc), refs), db), dx
 
 
 def _param_cotangents(ops: Operands, dx, acc, scale=1.0):
@@ -145,8 +168,9 @@ def token_sum(st: Static, ops: Operands) -> tuple[jax.Array, Rows]:
 
 
 def _token_sum_fwd(st: Static, ops: Operands):
-    def step(acc, block):
-        xb, labels, pmask, lmask = block
+    def step(carry, i):
+        acc, dx = carry
+        xb, labels, pmask, lmask = _block(ops, i)
         logits = project(xb, ops.w, ops.bias)
 
         def block_total(lg):
@@ -154,10 +178,10 @@ def _token_sum_fwd(st: Static, ops: Operands):
             return jnp.sum(rows.loss), rows
 
         (_, rows), dlogits = jax.value_and_grad(block_total, has_aux=True)(logits)
-        dx, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
-        return acc, (rows, dx)
+        dxb, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
+        return (acc, _put(dx, dxb, i)), rows
 
-    acc, (rows, dx) = lax.scan(step, _zero_acc(ops), _blocks(ops))
+    (acc, dx), rows = lax.scan(step, _zero_acc(st, ops), _indices(ops))
     return (jnp.sum(rows.loss), rows), (ops, dx, acc)
 
 
@@ -184,15 +208,17 @@ def _token_rows_fwd(st: Static, ops: Operands):
 
 
 def _token_rows_bwd(st: Static, ops: Operands, cotangents: Rows):
-    def step(acc, block):
-        (xb, labels, pmask, lmask), g = block
+    def step(carry, block):
+        acc, dx = carry
+        i, g = block
+        xb, labels, pmask, lmask = _block(ops, i)
         logits = project(xb, ops.w, ops.bias)
         _, vjp = jax.vjp(lambda lg: _rows(st, ops, lg, labels, pmask, lmask).loss, logits)
         (dlogits,) = vjp(g.astype(logits.dtype))
-        dx, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
-        return acc, dx
+        dxb, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
+        return (acc, _put(dx, dxb, i)), None
 
-    acc, dx = lax.scan(step, _zero_acc(ops), (_blocks(ops), cotangents.loss))
+    (acc, dx), _ = lax.scan(step, _zero_acc(st, ops), (_indices(ops), cotangents.loss))
     return (_param_cotangents(ops, dx, acc),)
 
 

@@ -24,10 +24,12 @@ def varying_axes(a) -> frozenset:
     return frozenset(axes)
 
 
-def varying_like(zeros: jax.Array, refs) -> jax.Array:
+def varying_like(zeros: jax.Array, refs, summed_over=None) -> jax.Array:
     """Give a fresh accumulator the mesh axes its updates vary over (any operand can
-    enter them): `lax.scan` needs equal carry types under `shard_map`."""
+    enter them, except an axis `summed_over` by a psum before the update): `lax.scan`
+    needs equal carry types under `shard_map`."""
     missing = frozenset().union(*map(varying_axes, refs)) - varying_axes(zeros)
+    missing -= {summed_over}
     return lax.pcast(zeros, tuple(sorted(missing)), to="varying") if missing else zeros
 
 

@@ -8,19 +8,19 @@ import jax.numpy as jnp
 import pytest
 
 import jaxent
-from jaxent.linear.api import default_block_size
+from jaxent.linear.api import default_block_size, default_vocab_block_size, dividing_block
 
 D, V = 256, 32000
 
 
-def temp_bytes(impl, n, grad=True):
+def temp_bytes(impl, n, grad=True, d=D, v=V, block_size=None):
     def loss(x, w, y):
-        return jaxent.linear_cross_entropy(x, w, y, implementation=impl)
+        return jaxent.linear_cross_entropy(x, w, y, implementation=impl, block_size=block_size)
 
     fn = jax.value_and_grad(loss, argnums=(0, 1)) if grad else loss
     args = (
-        jax.ShapeDtypeStruct((n, D), jnp.float32),
-        jax.ShapeDtypeStruct((V, D), jnp.float32),
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((v, d), jnp.float32),
         jax.ShapeDtypeStruct((n,), jnp.int32),
     )
     analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
@@ -41,6 +41,27 @@ def test_default_memory_bounds_on_cpu():
 
 def test_lean_never_holds_a_float32_copy_of_w():
     assert temp_bytes("lean", 8192) < V * D * 4
+
+
+@pytest.mark.parametrize("block_size", [None, 1024])
+def test_lean_uses_w_in_place_for_an_awkward_vocabulary(block_size):
+    """V = 6012 = 2^2 * 3^2 * 167 (like Llama-3's 128256 = 2^8 * 3 * 167) is a multiple of
+    no power-of-two block: "lean" picks a block dividing V, so `w` is viewed as blocks
+    in place. Doubling D then grows the temp by one block of w and the dx accumulator
+    (N x D), less than the bytes `w` gains — a padded copy of w would grow it by more."""
+    n, v = 512, 6012
+    grown = temp_bytes("lean", n, d=512, v=v, block_size=block_size) - temp_bytes(
+        "lean", n, d=256, v=v, block_size=block_size
+    )
+    assert grown < 0.75 * v * 256 * 4
+
+
+def test_dividing_block():
+    assert dividing_block(128256, 2048) == 2004
+    assert dividing_block(256000, 2048) == 2048
+    assert dividing_block(131071, 2048) == 2048  # prime: nothing divides it, V is padded
+    assert dividing_block(203, 8192) == 203
+    assert default_vocab_block_size(8192, 128256, "gpu") == 2004
 
 
 def test_forward_only_does_no_gradient_work():

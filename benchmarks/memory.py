@@ -1,0 +1,100 @@
+"""Compiled temp memory of `linear_cross_entropy` at the language-model head shapes.
+
+    python -m benchmarks.memory [--out DIR]
+
+Compile only (shapes, no arrays), so it runs at full size on any machine: forward +
+backward of the mean loss w.r.t. x and w, for N = 8192 and 32768 tokens, with the
+block sizes jaxent picks on a GPU (`default_block_size(..., "gpu")`,
+`default_vocab_block_size(..., "gpu")`), as `memory_analysis().temp_size_in_bytes`.
+
+On a GPU the inputs are bfloat16. On CPU they are float32: XLA:CPU has no bfloat16
+matmul and hoists a float32 conversion of all of `w` out of the block loops, a
+CPU-only temp that would hide what the loss itself holds; float32 inputs are the
+closer proxy of the GPU's buffers (the float32 logits blocks, dx and dw accumulators
+are float32 either way). Writes memory.json and memory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import jaxent
+from jaxent.linear.api import default_block_size, default_vocab_block_size
+
+HEADS = {"Llama-3": (4096, 128256), "Gemma-2": (2304, 256000)}
+TOKENS = (8192, 32768)
+
+
+def temp_bytes(impl, n, d, v, dtype, block) -> int:
+    def loss(x, w, y):
+        return jaxent.linear_cross_entropy(x, w, y, implementation=impl, block_size=block)
+
+    args = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((v, d), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def run() -> list[dict]:
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    rows = []
+    for head, (d, v) in HEADS.items():
+        for n in TOKENS:
+            blocks = {
+                "chunked (default)": default_block_size(n, v, "gpu"),
+                "lean": default_vocab_block_size(n, v, "gpu"),
+                "xla": None,
+            }
+            for impl, block in blocks.items():
+                name = impl.split()[0]
+                temp = temp_bytes(name, n, d, v, dtype, block)
+                rows.append({"head": head, "N": n, "D": d, "V": v, "dtype": jnp.dtype(dtype).name,
+                             "implementation": impl, "block_size": block, "temp_bytes": temp,
+                             "of_f32_logits": temp / (4 * n * v)})  # fmt: skip
+    return rows
+
+
+def markdown(rows, device) -> str:
+    lines = [
+        f"Compiled temp of forward + backward, `python -m benchmarks.memory` on {device}.",
+        "",
+        "| head | N | dtype | implementation | block | temp MiB | of f32 logits | vs N=8192 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    first = {}
+    for r in rows:
+        key = (r["head"], r["implementation"])
+        first.setdefault(key, r["temp_bytes"])
+        lines.append(
+            f"| {r['head']} | {r['N']} | {r['dtype']} | {r['implementation']} | "
+            f"{r['block_size'] or ''} | {r['temp_bytes'] / 2**20:.0f} | "
+            f"{100 * r['of_f32_logits']:.1f}% | {r['temp_bytes'] / first[key]:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    device = jax.devices()[0]
+    label = f"{device.platform}: {device.device_kind}, jax {jax.__version__}"
+    rows = run()
+    text = markdown(rows, label)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "memory.md").write_text(text)
+        (args.out / "memory.json").write_text(json.dumps({"device": label, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
