@@ -206,13 +206,13 @@ def focal_loss(
         if not _checks.is_python_number(alpha):
             raise TypeError(f"`alpha` must be a Python float or None, got {type(alpha).__name__}.")
         alpha = float(alpha)
-        if alpha > 1:
+        if not alpha <= 1:  # NaN fails too
             raise ValueError(f"`alpha` must be <= 1 (or < 0 / None to disable it), got {alpha}.")
         alpha = None if alpha < 0 else alpha
     if not _checks.is_python_number(gamma):
         raise TypeError(f"`gamma` must be a Python float >= 0, got {type(gamma).__name__}.")
-    if not gamma >= 0:
-        raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
+    if not (gamma >= 0 and gamma < float("inf")):
+        raise ValueError(f"`gamma` must be >= 0 and finite, got {gamma}.")
     return _focal_loss(
         logits,
         targets,

@@ -222,7 +222,7 @@ def cross_entropy(
       where: bool, labels-shaped (False drops a position) or logits-shaped (False
         drops a logit from the log-sum-exp, the smoothing and the gradient).
       ignore_index: positions whose label equals it are dropped (e.g. -100).
-      class_weights: (C,) per-class weight w (PyTorch's `weight`).
+      class_weights: (C,) per-class weight w (PyTorch's `weight`); it gets no gradient.
       label_smoothing: ε in [0, 1], spread as ε/C over the kept classes.
       z_loss: λ_z >= 0, coefficient of lse² (PaLM's auxiliary z-loss).
       softcap: s > 0 caps logits smoothly to (-s, s) before everything else.
@@ -243,6 +243,9 @@ def cross_entropy(
     the loss is +inf only when the label points at one. A label outside [0, C) that
     is not `ignore_index` makes its position's loss NaN (`jaxent.validate` raises
     instead).
+
+    Differentiate with reverse mode (`jax.grad`, `jax.vjp`): the backward is a
+    hand-written one-pass `custom_vjp`, so `jax.jvp` / `jax.hessian` are not supported.
 
     Example:
       >>> loss = jaxent.cross_entropy(logits, labels, ignore_index=-100,
@@ -282,7 +285,7 @@ def cross_entropy(
         ignore_index=ignore_index,
         softcap=opts["softcap"],
         reduction=opts["reduction"],
-        return_aux=bool(return_aux),
+        return_aux=_checks.check_bool("return_aux", return_aux),
         label_smoothing_static=opts["label_smoothing"][0],
         z_loss_static=opts["z_loss"][0],
         vocab_axis_name=opts["vocab_axis_name"],
@@ -391,7 +394,7 @@ def soft_cross_entropy(
         where_kind=opts["where_kind"],
         softcap=opts["softcap"],
         reduction=opts["reduction"],
-        return_aux=bool(return_aux),
+        return_aux=_checks.check_bool("return_aux", return_aux),
         label_smoothing_static=opts["label_smoothing"][0],
         z_loss_static=opts["z_loss"][0],
         vocab_axis_name=opts["vocab_axis_name"],

@@ -38,14 +38,23 @@ def check_floating(name: str, x: Any) -> jax.Array:
 
 
 def check_integer(name: str, x: Any) -> jax.Array:
-    """Return `x` as an array, raising TypeError unless its dtype is integer."""
+    """Return `x` as a 32-bit (or 64-bit) signed integer array, raising TypeError unless
+    its dtype is integer.
+
+    Narrow and unsigned ids are widened first: compared in int8 or uint8, a Python
+    `ignore_index` or class count would wrap (-100 becomes 156 in uint8) and class ids
+    above 127 would overflow.
+    """
+    if not hasattr(x, "dtype") and not isinstance(x, (list, tuple, int, np.integer)):
+        raise TypeError(f"`{name}` must be an integer array, got {type(x).__name__}.")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(
             f"`{name}` must have an integer dtype (class ids), got {x.dtype}. "
             "For probability targets use `soft_cross_entropy`."
         )
-    return x
+    wide = jnp.dtype(jnp.int64 if x.dtype.itemsize == 8 else jnp.int32)
+    return x if x.dtype == wide else x.astype(wide)
 
 
 def check_axis(axis: Any, ndim: int, name: str = "logits") -> int:
@@ -97,7 +106,7 @@ def check_scalar_option(
     """
     if is_python_number(value):
         value = float(value)
-        if not (value >= low and (high is None or value <= high)):
+        if not (value >= low and (high is None or value <= high) and np.isfinite(value)):
             bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
             raise ValueError(f"`{name}` must be {bounds}, got {value}.")
         return value, None
@@ -116,9 +125,26 @@ def check_positive_or_none(name: str, value: Any) -> float | None:
         return None
     if not is_python_number(value):
         raise TypeError(f"`{name}` must be a Python float > 0 or None, got {type(value).__name__}.")
-    if not value > 0:
-        raise ValueError(f"`{name}` must be > 0 or None, got {value}.")
+    if not (value > 0 and np.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value}.")
     return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A static flag such as `return_aux`: a Python bool (a truthy string is a mistake)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def check_positive_int_or_none(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be a positive int or None, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive int or None, got {value}.")
+    return int(value)
 
 
 def check_ignore_index(ignore_index: Any) -> int | None:
@@ -132,7 +158,9 @@ def check_ignore_index(ignore_index: Any) -> int | None:
     return int(ignore_index)
 
 
-def check_class_weights(class_weights: Any, num_classes: int) -> jax.Array | None:
+def check_class_weights(
+    class_weights: Any, num_classes: int, classes: str = "the class axis of `logits`"
+) -> jax.Array | None:
     if class_weights is None:
         return None
     class_weights = check_floating("class_weights", class_weights)
@@ -140,7 +168,7 @@ def check_class_weights(class_weights: Any, num_classes: int) -> jax.Array | Non
         "class_weights",
         class_weights,
         (num_classes,),
-        "It holds one weight per class (the size of the class axis of `logits`).",
+        f"It holds one weight per class (the size of {classes}).",
     )
     return class_weights
 

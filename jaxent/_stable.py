@@ -1,9 +1,10 @@
 """Masked, numerically stable per-position statistics of categorical logits.
 
 This module is the one place where the categorical loss formulas live. The public
-losses (`_categorical.py`) and every implementation of `linear_cross_entropy`
-(`linear/`) call `categorical_rows` on a block of logits, so they agree by
-construction.
+losses (`_categorical.py`), the Pallas kernel (`pallas/`) and every implementation of
+`linear_cross_entropy` (`linear/`) build the loss from the same pieces — per-row
+additive sums (`block_partial` / `class_sums`, combined with `rescale`) finished by
+`finish_rows` — so they agree by construction.
 
 Conventions: the class axis is the last one; arithmetic is in float32 (float64 for
 float64 input); a dropped logit (a `-inf` logit, or one masked by a logits-shaped
@@ -355,6 +356,12 @@ def psum_partial(p, vocab_axis_name):
     return p if vocab_axis_name is None else jax.tree.map(lambda a: lax.psum(a, vocab_axis_name), p)
 
 
+def option_in(option, dtype):
+    """A scheduled (array) option in the loss's compute dtype: a float64 schedule must
+    not turn a float32 loss into float64. Static (Python float) options pass as they are."""
+    return option if isinstance(option, float) else jnp.asarray(option).astype(dtype)
+
+
 def is_off(option) -> bool:
     """A static option value of exactly 0.0 switches its term off at trace time."""
     return isinstance(option, float) and option == 0.0
@@ -375,6 +382,7 @@ def finish_rows(
     """Per-position loss from whole-row statistics (see `categorical_rows`)."""
     m = safe_shift(best)
     dtype = p.s.dtype
+    label_smoothing, z_loss = (option_in(v, dtype) for v in (label_smoothing, z_loss))
     valid = ~jnp.isneginf(best)  # NaN rows count as kept, so NaN propagates
     if position_mask is not None:
         valid = valid & position_mask
@@ -672,6 +680,7 @@ def soft_rows(
                   softcap=softcap, smoothing=smoothing, with_argmax=with_argmax)  # fmt: skip
     p, best, first, target_first = combine_soft_shards(*local, vocab_axis_name)
     m = safe_shift(best)
+    label_smoothing, z_loss = (option_in(v, p.s.dtype) for v in (label_smoothing, z_loss))
     valid = ~jnp.isneginf(best)  # NaN rows count as kept, so NaN propagates
     if position_mask is not None:
         valid = valid & position_mask

@@ -35,7 +35,8 @@ def validate(
     """Check that every label is in [0, num_classes) or equals `ignore_index`.
 
     Positions dropped by a labels-shaped `where` are not checked (padding may hold
-    any label). Returns `labels` unchanged, so it can be used inline:
+    any label). Returns `labels` (values unchanged; narrow integer dtypes widened to
+    int32, as every loss does), so it can be used inline:
     `cross_entropy(logits, jaxent.validate(labels, C, ignore_index=-100))`.
 
     Raises:
@@ -53,6 +54,8 @@ def validate(
         where = _checks.check_bool_mask("where", where)
         _checks.check_shape("where", where, labels.shape, "It must be labels-shaped.")
 
+    if labels.size == 0:
+        return labels
     if isinstance(labels, jax.core.Tracer) or isinstance(where, jax.core.Tracer):
         bad = _bad_labels(labels, num_classes, ignore_index, where)
         first = jnp.argmax(bad.ravel())

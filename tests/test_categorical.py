@@ -389,7 +389,11 @@ def test_soft_cross_entropy_gradients_and_minus_inf():
         ({"reduction": "avg"}, ValueError, "`reduction` must be one of"),
         ({"label_smoothing": 1.5}, ValueError, "`label_smoothing` must be"),
         ({"z_loss": -1.0}, ValueError, "`z_loss` must be >= 0.0, got -1.0"),
-        ({"softcap": 0.0}, ValueError, "`softcap` must be > 0 or None, got 0.0"),
+        ({"softcap": 0.0}, ValueError, "`softcap` must be a finite number > 0 or None, got 0.0"),
+        ({"softcap": float("inf")}, ValueError, "`softcap` must be a finite number > 0"),
+        ({"z_loss": float("inf")}, ValueError, "`z_loss` must be >= 0.0, got inf"),
+        ({"return_aux": "no"}, TypeError, "`return_aux` must be True or False, got 'no'"),
+        ({"labels": None}, TypeError, "`labels` must be an integer array, got NoneType"),
         ({"class_weights": jnp.ones(4)}, ValueError, r"`class_weights` must have shape \(5,\)"),
         ({"where": jnp.ones((4, 3), bool)}, ValueError, "`where` must be broadcastable"),
         ({"where": jnp.ones(4, int)}, TypeError, "`where` must be a boolean mask"),
@@ -403,6 +407,37 @@ def test_trace_time_errors_name_the_argument(kwargs, error, match):
     logits, labels = args.pop("logits"), args.pop("labels")
     with pytest.raises(error, match=match):
         jaxent.cross_entropy(logits, labels, **args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int16, jnp.uint16])
+def test_narrow_integer_labels(dtype):
+    """Ids above 127, `ignore_index=-100` and the class count are compared in a wide
+    dtype: in uint8, -100 would wrap to 156 and silently drop class 156."""
+    logits, _ = make(11, (6,), 200)
+    wide = (
+        np.array([5, 156, 120, 44, 199, 0])
+        if dtype != jnp.int8
+        else np.array([5, 100, 120, 44, 127, 0])
+    )
+    labels = jnp.asarray(wide, dtype)
+
+    def loss(x, y):
+        return jaxent.cross_entropy(x, y, ignore_index=-100, label_smoothing=0.1)
+
+    got, grad = jax.value_and_grad(loss)(logits, labels)
+    want = oracles.cross_entropy(logits, wide, ignore_index=-100, label_smoothing=0.1)[0]
+    assert oracles.rel_err(got, want) < 1e-5
+    want_grad = jax.grad(loss)(logits, jnp.asarray(wide, jnp.int32))
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-8)
+
+
+def test_float64_schedule_keeps_a_float32_loss():
+    logits, labels = make(12, (5,), 7)
+    loss = jaxent.cross_entropy(logits, labels, label_smoothing=jnp.float64(0.1),
+                                z_loss=jnp.float64(1e-3))  # fmt: skip
+    assert loss.dtype == F32
+    soft = jaxent.soft_cross_entropy(logits, jax.nn.softmax(logits), z_loss=jnp.float64(1e-3))
+    assert soft.dtype == F32
 
 
 def test_soft_targets_shape_error():

@@ -19,6 +19,24 @@ def test_names_first_bad_position_and_value():
         jaxent.validate(labels, 4)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_narrow_dtypes_and_empty_labels(jit):
+    """uint8 -100 would wrap to 156 and int8 100 is fine for C=200: both checked in a
+    wide dtype, eagerly and under jit; empty labels have nothing to check."""
+
+    def check(labels, c, **kw):
+        fn = lambda y: jaxent.validate(y, c, **kw)  # noqa: E731
+        if not jit:
+            return fn(labels)
+        err, _ = checkify.checkify(jax.jit(fn))(labels)
+        err.throw()
+
+    check(jnp.array([100, 5], jnp.int8), 200)
+    with pytest.raises((ValueError, checkify.JaxRuntimeError), match="156"):
+        check(jnp.array([156, 5], jnp.uint8), 100, ignore_index=-100)
+    check(jnp.zeros((0,), jnp.int32), 5)
+
+
 def test_where_excludes_padding():
     labels = jnp.array([1, 99, 2])
     jaxent.validate(labels, 3, where=jnp.array([True, False, True]))

@@ -374,10 +374,7 @@ def linear_cross_entropy(
         raise ValueError(
             f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
         )
-    if block_size is not None and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
-    ):
-        raise ValueError(f"`block_size` must be a positive int or None, got {block_size!r}.")
+    block_size = _checks.check_positive_int_or_none("block_size", block_size)
     ls_static, ls = _checks.check_scalar_option(
         "label_smoothing", label_smoothing, low=0.0, high=1.0
     )
@@ -388,14 +385,14 @@ def linear_cross_entropy(
         labels,
         bias,
         None if where is None else jnp.asarray(where),
-        _checks.check_class_weights(class_weights, vocab),
+        _checks.check_class_weights(class_weights, vocab, "the rows of `w`"),
         ls,
         zl,
         implementation=implementation,
         block_size=block_size,
         where_kind=split_where(where, positions + (vocab,), positions, len(positions)),
         reduction=_checks.check_reduction(reduction),
-        return_aux=bool(return_aux),
+        return_aux=_checks.check_bool("return_aux", return_aux),
         softcap=_checks.check_positive_or_none("softcap", softcap),
         ignore_index=_checks.check_ignore_index(ignore_index),
         ls_static=ls_static,

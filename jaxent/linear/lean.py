@@ -104,6 +104,13 @@ def _block(ops: Operands, i):
     )
 
 
+def _class_id(ops: Operands, ordered):
+    """This shard's class id of a block-ordered id (`block_order` without the shard)."""
+    block, num_blocks = ops.w.shape[0], ops.w.shape[1]
+    i, j = jnp.divmod(ordered % (block * num_blocks), block)
+    return j * num_blocks + i
+
+
 def _num_blocks(ops: Operands) -> int:
     return ops.w.shape[1]
 
@@ -148,7 +155,10 @@ def _statistics(st: Static, ops: Operands):
         block_best, block_first = row_max(z, offset, st.with_argmax)
         new_best = jnp.maximum(best, block_best)
         if first is not None:
-            first = jnp.where(block_best > best, block_first, first)
+            # On a tie the smaller class id wins, as in `jnp.argmax` over the whole row;
+            # blocks are strided, so block order is not class order.
+            tie = (block_best == best) & (_class_id(ops, block_first) < _class_id(ops, first))
+            first = jnp.where((block_best > best) | tie, block_first, first)
         m = safe_shift(new_best)
         part = block_partial(z, ops.labels, offset, m, cwb, _smoothing(st, ops))
         total = jax.tree.map(jnp.add, rescale(total, safe_shift(best), m), part)

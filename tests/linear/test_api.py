@@ -147,6 +147,29 @@ def test_vmap_jit_and_no_retrace():
     np.testing.assert_allclose(f(x, labels, jnp.float32(0.1)), eager, rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["xla", "chunked", "lean"])
+def test_accuracy_ties_go_to_the_smaller_class_id(impl):
+    """Classes 1 and 4 tie for the max, label 1: argmax over the row picks 1, also when
+    "lean"'s strided blocks visit class 4 first."""
+    x = jnp.zeros((1, 6)).at[0, 0].set(1.0)
+    w = jnp.zeros((6, 6)).at[1, 0].set(1.0).at[4, 0].set(1.0)
+    for block in (None, 2, 3):
+        block = None if impl == "xla" else block
+        _, aux = jaxent.linear_cross_entropy(
+            x, w, jnp.array([1]), implementation=impl, block_size=block, return_aux=True
+        )
+        assert aux.accuracy == 1.0
+
+
+def test_numpy_int_block_size_is_accepted():
+    x, w, labels, _ = make(3)
+    got = jaxent.linear_cross_entropy(
+        x, w, labels, implementation="chunked", block_size=np.int64(8)
+    )
+    want = jaxent.linear_cross_entropy(x, w, labels, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -157,6 +180,9 @@ def test_vmap_jit_and_no_retrace():
         ({"bias": jnp.zeros(9)}, ValueError, r"`bias` must have shape \(10,\)"),
         ({"implementation": "cuda"}, ValueError, "`implementation` must be one of"),
         ({"block_size": 0}, ValueError, "`block_size` must be a positive int"),
+        ({"block_size": 2.0}, TypeError, "`block_size` must be a positive int"),
+        ({"class_weights": jnp.ones(9)}, ValueError, r"the size of the rows of `w`"),
+        ({"return_aux": 1}, TypeError, "`return_aux` must be True or False"),
         ({"x": jnp.zeros((5, 4), int)}, TypeError, "`x` must have a floating dtype"),
         ({"where": jnp.ones((5, 9), bool)}, ValueError, "`where` must be broadcastable"),
     ],
