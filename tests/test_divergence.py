@@ -83,7 +83,7 @@ def test_where_positions_and_self_divergence():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="`temperature` must be > 0"):
+    with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
         jaxent.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 3)), temperature=0.0)
     with pytest.raises(ValueError, match="`target_logits` must have shape"):
         jaxent.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
