@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests   # the kernel and loss tests, compiled on the GPU
 #   bash benchmarks/gpu_session.sh bench   # python -m benchmarks --shapes gpu (+ torch baselines)
-#   bash benchmarks/gpu_session.sh sweep   # tile / block-size sweeps for the defaults
+#   bash benchmarks/gpu_session.sh sweep   # compiled memory at the LM heads; tile / block sweeps
 #
 # The device image has jax (CUDA), optax, chex, pytest, torch and triton but no
 # network: Liger Kernel and cut-cross-entropy travel as wheels. Before the first call,
@@ -34,8 +34,9 @@ case "$stage" in
     timeout 560 python3 -m benchmarks --shapes gpu --out "$out/results" 2>&1 | tee "$out/bench.log"
     ;;
   sweep)
+    timeout 150 python3 -m benchmarks.memory --out "$out/memory" 2>&1 | tee "$out/memory.log"
     for what in row_stats chunked lean; do
-      timeout 180 python3 -m benchmarks.sweep "$what" --out "$out/sweep_$what.json" \
+      timeout 140 python3 -m benchmarks.sweep "$what" --out "$out/sweep_$what.json" \
         2>&1 | tee "$out/sweep_$what.log"
     done
     ;;
