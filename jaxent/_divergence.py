@@ -11,11 +11,7 @@ import jax.numpy as jnp
 from . import _checks
 from ._categorical import masks_class_last, split_where
 from ._reduce import reduce_loss
-from ._stable import compute_dtype, kept, prepare_logits, stable_exp
-
-
-def _psum(x, axis_name):
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
+from ._stable import compute_dtype, kept, prepare_logits, stable_exp, vocab_psum
 
 
 @functools.partial(
@@ -63,9 +59,9 @@ def _kl_divergence(
     both = keep_t & kept(zs)
     zt0, zs0 = jnp.where(both, zt, 0), jnp.where(both, zs, 0)
     terms = jnp.where(both, p_t * ((zt0 - lse_t) - (zs0 - lse_s)), 0)
-    kl = _psum(jnp.sum(terms, axis=-1), vocab_axis_name)
+    kl = vocab_psum(jnp.sum(terms, axis=-1), vocab_axis_name)
     # Teacher mass on a logit the student cannot produce: the divergence is infinite.
-    unreachable = _psum(jnp.sum(keep_t & ~kept(zs), axis=-1), vocab_axis_name) > 0
+    unreachable = vocab_psum(jnp.sum(keep_t & ~kept(zs), axis=-1), vocab_axis_name) > 0
     kl = jnp.where(unreachable, jnp.inf, kl) * temperature**2
     kl = jnp.where(valid, kl, 0)
     return reduce_loss(kl, valid.astype(dtype), reduction, batch_axis_name)

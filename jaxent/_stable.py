@@ -39,7 +39,7 @@ def _pmax(x, axis_name):
     return x if axis_name is None else lax.pmax(x, axis_name)
 
 
-def _psum(x, axis_name):
+def vocab_psum(x, axis_name):
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
@@ -103,7 +103,7 @@ def stable_exp(z: jax.Array, vocab_axis_name=None) -> Stable:
     best = _pmax(lax.stop_gradient(jnp.max(z, axis=-1)), vocab_axis_name)
     m = safe_shift(best)
     e = jnp.exp(z - m[..., None])
-    s = _psum(jnp.sum(e, axis=-1), vocab_axis_name)
+    s = vocab_psum(jnp.sum(e, axis=-1), vocab_axis_name)
     return Stable(m, ~jnp.isneginf(best), e, s, lse_from_sum(s, m))
 
 
@@ -352,6 +352,17 @@ def rescale(p, m_old: jax.Array, m_new: jax.Array):
     return p._replace(**moved)
 
 
+def online_add(total, best, block_best, block_sums):
+    """One step of the online log-sum-exp over blocks of classes: the running max grows
+    to include `block_best`, the running sums `total` (`Partial`/`SoftPartial`) move to
+    the new shift, and `block_sums(m)` — the block's sums at shift m — is added.
+    Returns (total, new best)."""
+    new_best = jnp.maximum(best, block_best)
+    m = safe_shift(new_best)
+    moved = rescale(total, safe_shift(best), m)
+    return jax.tree.map(jnp.add, moved, block_sums(m)), new_best
+
+
 def psum_partial(p, vocab_axis_name):
     return p if vocab_axis_name is None else jax.tree.map(lambda a: lax.psum(a, vocab_axis_name), p)
 
@@ -367,6 +378,32 @@ def is_off(option) -> bool:
     return isinstance(option, float) and option == 0.0
 
 
+def _row_lse(s, best, position_mask):
+    """(m, valid, lse_all, lse) of whole-row sums: the shift, v_n before label checks
+    (a row keeping no logit is dropped; NaN rows count as kept, so NaN propagates), the
+    log-sum-exp, and the log-sum-exp zeroed where invalid (keeps the inf/NaN of dropped
+    rows out of gradients)."""
+    m = safe_shift(best)
+    valid = ~jnp.isneginf(best)
+    if position_mask is not None:
+        valid = valid & position_mask
+    lse_all = lse_from_sum(s, m)
+    return m, valid, lse_all, jnp.where(valid, lse_all, 0)
+
+
+def _smoothing_in_range(loss, label_smoothing):
+    """A scheduled (array) ε outside [0, 1] cannot be caught at trace time: NaN, not a
+    wrong loss."""
+    return jnp.where((label_smoothing >= 0) & (label_smoothing <= 1), loss, jnp.nan)
+
+
+def _z_loss_term(z_loss, weight, lse, like):
+    """z_loss · weight · lse² (NaN for a scheduled negative coefficient); zeros when off."""
+    if is_off(z_loss):
+        return jnp.zeros_like(like)
+    return jnp.where(z_loss >= 0, z_loss * weight * lse**2, jnp.nan)
+
+
 def finish_rows(
     p: Partial,
     best,
@@ -380,16 +417,12 @@ def finish_rows(
     z_loss,
 ) -> Rows:
     """Per-position loss from whole-row statistics (see `categorical_rows`)."""
-    m = safe_shift(best)
     dtype = p.s.dtype
     label_smoothing, z_loss = (option_in(v, dtype) for v in (label_smoothing, z_loss))
-    valid = ~jnp.isneginf(best)  # NaN rows count as kept, so NaN propagates
-    if position_mask is not None:
-        valid = valid & position_mask
     if ignore_index is not None:
-        valid = valid & (labels != ignore_index)
-    lse_all = lse_from_sum(p.s, m)
-    lse = jnp.where(valid, lse_all, 0)  # keeps inf/NaN of dropped rows out of gradients
+        keep = labels != ignore_index
+        position_mask = keep if position_mask is None else position_mask & keep
+    m, valid, lse_all, lse = _row_lse(p.s, best, position_mask)
     w_label = jnp.ones(labels.shape, dtype) if p.w_label is None else p.w_label
 
     nll = jnp.where(p.label_hits > 0, lse - p.z_label, jnp.inf)
@@ -397,13 +430,9 @@ def finish_rows(
     loss = jnp.where(label_coef == 0, 0, label_coef * nll)
     if not is_off(label_smoothing):
         smooth = ((lse - m) * p.kw_sum + p.below_max) / jnp.maximum(p.count, 1)
-        loss = loss + label_smoothing * smooth
-        # Scheduled (array) ε outside [0, 1] cannot be caught at trace time: NaN, not a wrong loss.
-        loss = jnp.where((label_smoothing >= 0) & (label_smoothing <= 1), loss, jnp.nan)
-    zl = jnp.zeros_like(loss)
-    if not is_off(z_loss):
-        zl = jnp.where(z_loss >= 0, z_loss * w_label * lse**2, jnp.nan)
-        loss = loss + zl
+        loss = _smoothing_in_range(loss + label_smoothing * smooth, label_smoothing)
+    zl = _z_loss_term(z_loss, w_label, lse, loss)
+    loss = loss + zl
 
     weight = jnp.where(valid, w_label, 0)
     in_range = (labels >= 0) & (labels < num_classes)
@@ -411,6 +440,16 @@ def finish_rows(
     loss = jnp.where(valid & ~in_range, jnp.nan, loss)
     correct = None if first is None else jnp.where(lax.stop_gradient(first) == labels, weight, 0)
     return Rows(loss, lse_all, jnp.where(valid, zl, 0), valid, weight, correct)
+
+
+def prepared_max(logits, logit_mask, softcap, offset, with_argmax):
+    """(best, first, z): `row_max` of the prepared logits, best in the compute dtype, and
+    the array it was taken on. Without softcap or mask that is the logits themselves
+    (the max is exact in any dtype): no float32 copy is formed to reduce over."""
+    plain = softcap is None and logit_mask is None
+    z = logits if plain else prepare_logits(logits, logit_mask, softcap)
+    best, first = row_max(z, offset, with_argmax)
+    return best.astype(compute_dtype(logits.dtype)), first, z
 
 
 def logit_stats(
@@ -425,12 +464,7 @@ def logit_stats(
     Returns (`Partial` taken with shift safe_shift(best), best (...,) the row max of
     the prepared logits, first (...,) the global id of its first occurrence or None).
     """
-    # Without softcap or mask z is the upcast logits, and the max (exact in any dtype)
-    # is taken on the logits themselves: no float32 copy is formed to reduce over.
-    plain = softcap is None and logit_mask is None
-    z = logits if plain else prepare_logits(logits, logit_mask, softcap)
-    best, first = row_max(z, offset, with_argmax)
-    best = best.astype(compute_dtype(logits.dtype))
+    best, first, _ = prepared_max(logits, logit_mask, softcap, offset, with_argmax)
     partial = logit_partial(
         logits, labels, offset, safe_shift(best), class_weights, logit_mask, softcap, smoothing
     )
@@ -627,11 +661,10 @@ def soft_stats(
     at kept logits, each with the global id of its first occurrence; first,
     target_best and target_first are None without `with_argmax`. The Pallas kernel
     (`jaxent.pallas.row_stats.kernel_soft_stats`) has this signature, in one read."""
-    z = prepare_logits(logits, logit_mask, softcap)
-    best, first = row_max(z, offset, with_argmax)
+    best, first, z = prepared_max(logits, logit_mask, softcap, offset, with_argmax)
     target_best = target_first = None
     if with_argmax:
-        top = jnp.where(kept(z), targets.astype(z.dtype), -jnp.inf)
+        top = jnp.where(kept(z), targets.astype(best.dtype), -jnp.inf)
         target_best, target_first = row_max(top, offset)
     partial = soft_partial(logits, targets, safe_shift(best), class_weights, logit_mask,
                            softcap, smoothing)  # fmt: skip
@@ -679,13 +712,8 @@ def soft_rows(
     local = stats(logits, targets, offset, class_weights, logit_mask,
                   softcap=softcap, smoothing=smoothing, with_argmax=with_argmax)  # fmt: skip
     p, best, first, target_first = combine_soft_shards(*local, vocab_axis_name)
-    m = safe_shift(best)
     label_smoothing, z_loss = (option_in(v, p.s.dtype) for v in (label_smoothing, z_loss))
-    valid = ~jnp.isneginf(best)  # NaN rows count as kept, so NaN propagates
-    if position_mask is not None:
-        valid = valid & position_mask
-    lse_all = lse_from_sum(p.s, m)
-    lse = jnp.where(valid, lse_all, 0)
+    m, valid, lse_all, lse = _row_lse(p.s, best, position_mask)
     mass, below, lost = p.wt_sum, p.wt_below, p.lost > 0
     if smoothing:
         share = label_smoothing / jnp.maximum(p.count, 1)
@@ -694,12 +722,9 @@ def soft_rows(
         lost = lost & (label_smoothing != 1)  # dropped logits keep (1-ε) t
     loss = jnp.where(lost, jnp.inf, (lse - m) * mass + below)
     if smoothing:
-        loss = jnp.where((label_smoothing >= 0) & (label_smoothing <= 1), loss, jnp.nan)
-
-    zl = jnp.zeros_like(loss)
-    if not is_off(z_loss):
-        zl = jnp.where(z_loss >= 0, z_loss * lse**2, jnp.nan)
-        loss = loss + zl
+        loss = _smoothing_in_range(loss, label_smoothing)
+    zl = _z_loss_term(z_loss, 1, lse, loss)
+    loss = loss + zl
 
     weight = valid.astype(loss.dtype)
     correct = None

@@ -15,6 +15,7 @@ from .._categorical import aux_from_rows, finish, split_where
 from .._reduce import global_sum, safe_divide
 from .._sharding import CLASSES, HIDDEN, POSITIONS, TABLE, WHERE, manual_if_explicit
 from . import chunked, lean
+from .blocks import strided_blocks, unblock
 from .reference import linear_cross_entropy_xla
 
 IMPLEMENTATIONS = (None, "xla", "chunked", "lean", "pallas")
@@ -64,26 +65,6 @@ def dividing_block(vocab: int, block: int, largest: int | None = None) -> int:
     return block
 
 
-def _cut(a, num_blocks: int, block: int, fill=0):
-    """(N, ...) -> (block, num_blocks, ...) strided blocks: block i (index i of axis 1)
-    holds rows i, i + num_blocks, ... . The end is padded with `fill`; otherwise it is
-    a reshape, no copy. A split of N over devices (contiguous rows per device) stays a
-    split of every block's rows, so under `jit` with sharded inputs XLA runs the block
-    loop without gathering the rows.
-    """
-    if a is None:
-        return None
-    pad = num_blocks * block - a.shape[0]
-    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-    return a.reshape((block, num_blocks) + a.shape[1:])
-
-
-def _uncut(a: jax.Array, n: int) -> jax.Array:
-    """(num_blocks, block) per-block results of the block loop -> the first n rows, in
-    the order of `_cut`'s input."""
-    return jnp.swapaxes(a, 0, 1).reshape(-1)[:n]
-
-
 def _static(options: dict, return_aux: bool) -> chunked.Static:
     """Trace-time options; a scalar option given as an array is carried as an operand."""
     ls, zl = options["label_smoothing"], options["z_loss"]
@@ -118,12 +99,12 @@ def _chunked(
     pmask = jnp.ones(lead, bool) if position_mask is None else position_mask
     st = _static(options, return_aux)
     ops = chunked.Operands(
-        x=_cut(x.reshape(n, x.shape[-1]), num_blocks, block),
+        x=strided_blocks(x.reshape(n, x.shape[-1]), num_blocks, block),
         w=w,
         bias=bias,
-        labels=_cut(labels.reshape(n), num_blocks, block),
-        position_mask=_cut(pmask.reshape(n), num_blocks, block, fill=False),
-        logit_mask=_cut(
+        labels=strided_blocks(labels.reshape(n), num_blocks, block),
+        position_mask=strided_blocks(pmask.reshape(n), num_blocks, block, fill=False),
+        logit_mask=strided_blocks(
             None if logit_mask is None else logit_mask.reshape(n, -1),
             num_blocks,
             block,
@@ -134,15 +115,15 @@ def _chunked(
         zl=None if st.z_loss is not None else options["z_loss"],
     )
 
-    def unblock(a):
-        return _uncut(a, n).reshape(lead)
+    def to_positions(a):
+        return unblock(a, n).reshape(lead)
 
     if reduction == "none":
-        rows = jax.tree.map(unblock, chunked.token_rows(st, ops))
+        rows = jax.tree.map(to_positions, chunked.token_rows(st, ops))
         loss = rows.loss
     else:
         total, rows = chunked.token_sum(st, ops)
-        rows = jax.tree.map(unblock, rows)
+        rows = jax.tree.map(to_positions, rows)
         total = total if batch_axis_name is None else lax.psum(total, batch_axis_name)
         loss = total
         if reduction == "mean":
@@ -175,7 +156,7 @@ def _lean(
     num_blocks = -(-vocab // block)
 
     def by_block(a, axis=0, fill=0):
-        return lean.by_block(a, num_blocks, block, axis, fill)
+        return strided_blocks(a, num_blocks, block, axis, fill)
 
     # Labels become block-ordered ids; `ignore_index` is applied to the original ids first.
     st = _static(options, return_aux)._replace(ignore_index=None)
@@ -370,10 +351,7 @@ def linear_cross_entropy(
     if bias is not None:
         bias = _checks.check_floating("bias", bias)
         _checks.check_shape("bias", bias, (vocab,), "It holds one value per row of `w`.")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"`implementation` must be one of {IMPLEMENTATIONS}, got {implementation!r}."
-        )
+    implementation = _checks.check_implementation(implementation, IMPLEMENTATIONS)
     block_size = _checks.check_positive_int_or_none("block_size", block_size)
     ls_static, ls = _checks.check_scalar_option(
         "label_smoothing", label_smoothing, low=0.0, high=1.0

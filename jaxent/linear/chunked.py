@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._stable import Rows, categorical_rows
+from .blocks import put_block, take_block
 from .mesh import sum_to_primal_axes, varying_like
 from .reference import project
 
@@ -86,20 +87,11 @@ def _block(ops: Operands, i):
     Indexing axis 1 of the (B, nb, ...) views reads the block where it lies: the
     blocks are never stacked into a transposed copy of x.
     """
-
-    def take(a):
-        return None if a is None else lax.dynamic_index_in_dim(a, i, 1, keepdims=False)
-
-    return take(ops.x), take(ops.labels), take(ops.position_mask), take(ops.logit_mask)
+    return tuple(take_block(a, i) for a in (ops.x, ops.labels, ops.position_mask, ops.logit_mask))
 
 
 def _indices(ops: Operands):
     return jnp.arange(ops.x.shape[1], dtype=jnp.int32)
-
-
-def _put(buffer, block, i):
-    """Write block i (B, ...) into its place in a (B, nb, ...) buffer (in place in a loop)."""
-    return lax.dynamic_update_index_in_dim(buffer, block, i, 1)
 
 
 def _forward(st: Static, ops: Operands) -> Rows:
@@ -179,7 +171,7 @@ def _token_sum_fwd(st: Static, ops: Operands):
 
         (_, rows), dlogits = jax.value_and_grad(block_total, has_aux=True)(logits)
         dxb, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
-        return (acc, _put(dx, dxb, i)), rows
+        return (acc, put_block(dx, dxb, i)), rows
 
     (acc, dx), rows = lax.scan(step, _zero_acc(st, ops), _indices(ops))
     return (jnp.sum(rows.loss), rows), (ops, dx, acc)
@@ -216,7 +208,7 @@ def _token_rows_bwd(st: Static, ops: Operands, cotangents: Rows):
         _, vjp = jax.vjp(lambda lg: _rows(st, ops, lg, labels, pmask, lmask).loss, logits)
         (dlogits,) = vjp(g.astype(logits.dtype))
         dxb, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
-        return (acc, _put(dx, dxb, i)), None
+        return (acc, put_block(dx, dxb, i)), None
 
     (acc, dx), _ = lax.scan(step, _zero_acc(st, ops), (_indices(ops), cotangents.loss))
     return (_param_cotangents(ops, dx, acc),)

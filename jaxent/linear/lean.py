@@ -1,8 +1,9 @@
 """Memory-lean `linear_cross_entropy` over blocks of the vocabulary.
 
-The V classes are cut into nb blocks of Bv (padded; padding classes are dropped
-logits). Forward: one pass over the blocks with an online log-sum-exp — each block's
-(N, Bv) logits update the running row max and the additive sums of `_stable.Partial`
+The V classes are cut into nb blocks of Bv (padded, which copies `w`, only when Bv
+does not divide V; padding classes are dropped logits). Forward: one pass over the
+blocks with an online log-sum-exp (`_stable.online_add`) — each block's (N, Bv)
+logits update the running row max and the additive sums of `_stable.Partial`
 (rescaled when the max grows), exactly the statistics `cross_entropy` uses. Backward:
 a second pass recomputes each block's logits and gets their gradient from the same
 `_stable.finish_rows`, by perturbing the saved whole-row sums with the block's own
@@ -34,25 +35,27 @@ from .._stable import (
     Rows,
     block_partial,
     class_offset,
+    combine_shards,
     finish_rows,
     is_off,
     num_classes_global,
+    online_add,
     prepare_logits,
-    rescale,
     row_max,
     safe_shift,
-    shard_max,
 )
+from .blocks import put_block, take_block
 from .chunked import Static, pick
 from .mesh import sum_to_primal_axes, varying_like
 from .reference import project
 
 
 class Operands(NamedTuple):
-    """Arrays of one call, classes cut into nb strided blocks of Bv (`by_block`): x (N, D);
-    w (Bv, nb, D); bias, class_weights (Bv, nb) or None; class_mask (Bv, nb) — False on
-    padding; labels (N,) block-ordered ids (`block_order`); position_mask (N,);
-    logit_mask (N, Bv, nb) or None; ls, zl as in chunked."""
+    """Arrays of one call, classes cut into nb strided blocks of Bv
+    (`blocks.strided_blocks`): x (N, D); w (Bv, nb, D); bias, class_weights (Bv, nb) or
+    None; class_mask (Bv, nb) — False on padding; labels (N,) block-ordered ids
+    (`block_order`); position_mask (N,); logit_mask (N, Bv, nb) or None; ls, zl as in
+    chunked."""
 
     x: jax.Array
     w: jax.Array
@@ -64,18 +67,6 @@ class Operands(NamedTuple):
     logit_mask: jax.Array | None
     ls: jax.Array | None
     zl: jax.Array | None
-
-
-def by_block(a: jax.Array | None, num_blocks: int, block: int, axis: int = 0, fill=0):
-    """Split `axis` (the V classes) into (block, num_blocks): class j nb + i lands at
-    [j, i], so block i is index i of the new second axis. Pads V with `fill`; otherwise a
-    reshape (no copy), and a split of V over devices stays a split of every block."""
-    if a is None:
-        return None
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, num_blocks * block - a.shape[axis])
-    a = jnp.pad(a, pad, constant_values=fill)
-    return a.reshape(a.shape[:axis] + (block, num_blocks) + a.shape[axis + 1 :])
 
 
 def block_order(labels: jax.Array, vocab: int, num_blocks: int, block: int) -> jax.Array:
@@ -91,16 +82,13 @@ def block_order(labels: jax.Array, vocab: int, num_blocks: int, block: int) -> j
 def _block(ops: Operands, i):
     """Block i: its first block-ordered id and its slices of the per-class operands."""
 
-    def take(a, axis=1):
-        return None if a is None else lax.dynamic_index_in_dim(a, i, axis, keepdims=False)
-
     return (
         i * ops.w.shape[0],
-        take(ops.w),
-        take(ops.bias),
-        take(ops.class_weights),
-        take(ops.class_mask),
-        take(ops.logit_mask, 2),
+        take_block(ops.w, i),
+        take_block(ops.bias, i),
+        take_block(ops.class_weights, i),
+        take_block(ops.class_mask, i),
+        take_block(ops.logit_mask, i, axis=2),
     )
 
 
@@ -153,16 +141,17 @@ def _statistics(st: Static, ops: Operands):
         offset, wb, bb, cwb, mb, lmb = _block(ops, i)
         z, offset = _prepare(st, ops, project(ops.x, wb, bb), offset, mb, lmb)
         block_best, block_first = row_max(z, offset, st.with_argmax)
-        new_best = jnp.maximum(best, block_best)
         if first is not None:
             # On a tie the smaller class id wins, as in `jnp.argmax` over the whole row;
             # blocks are strided, so block order is not class order.
             tie = (block_best == best) & (_class_id(ops, block_first) < _class_id(ops, first))
             first = jnp.where((block_best > best) | tie, block_first, first)
-        m = safe_shift(new_best)
-        part = block_partial(z, ops.labels, offset, m, cwb, _smoothing(st, ops))
-        total = jax.tree.map(jnp.add, rescale(total, safe_shift(best), m), part)
-        return (total, new_best, first), None
+
+        def block_sums(m):
+            return block_partial(z, ops.labels, offset, m, cwb, _smoothing(st, ops))
+
+        total, best = online_add(total, best, block_best, block_sums)
+        return (total, best, first), None
 
     refs = jax.tree.leaves(ops)
     zeros = jnp.zeros((n,), dtype)
@@ -179,13 +168,7 @@ def _statistics(st: Static, ops: Operands):
     first = varying_like(jnp.zeros((n,), jnp.int32), refs) if st.with_argmax else None
     blocks = jnp.arange(_num_blocks(ops), dtype=jnp.int32)
     (total, best, first), _ = lax.scan(step, (total, best, first), blocks)
-
-    if st.vocab_axis_name is not None:
-        local_shift = safe_shift(best)
-        best, first = shard_max(best, first, st.vocab_axis_name)
-        total = rescale(total, local_shift, safe_shift(best))
-        total = jax.tree.map(lambda a: lax.psum(a, st.vocab_axis_name), total)
-    return total, best, first
+    return combine_shards(total, best, first, st.vocab_axis_name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -227,10 +210,10 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
         dx = dx + jnp.dot(dl, wb, preferred_element_type=acc)
         dwb = lax.dot_general(dl, ops.x, (((0,), (0,)), ((), ())), preferred_element_type=acc)
         dwb = sum_to_primal_axes(dwb, ops.w).astype(ops.w.dtype)
-        dw = lax.dynamic_update_index_in_dim(dw, dwb, i, 1)
+        dw = put_block(dw, dwb, i)
         if db is not None:
             dbb = sum_to_primal_axes(jnp.sum(dlogits, axis=0, dtype=acc), ops.bias)
-            db = lax.dynamic_update_index_in_dim(db, dbb.astype(ops.bias.dtype), i, 1)
+            db = put_block(db, dbb.astype(ops.bias.dtype), i)
         return (dx, dw, db), None
 
     refs = jax.tree.leaves(ops) + [g]

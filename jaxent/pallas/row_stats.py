@@ -45,9 +45,9 @@ from .._stable import (
     kept,
     logit_label_terms,
     logit_stats,
+    online_add,
     partial_grad,
     prepare_logits,
-    rescale,
     safe_shift,
     soft_grad,
     soft_stats,
@@ -126,18 +126,16 @@ def _kernel(x_ref, t_ref, mask_ref, w_ref, out: Out, *, n, c, block_rows, block_
         z = prepare_logits(load(x_ref, cols, ok, -jnp.inf), load(mask_ref, cols, ok, False),
                            config.softcap)  # fmt: skip
         w = None if w_ref is None else plgpu.load(w_ref.at[cols], mask=col < c, other=0.0)
-        new_best = jnp.maximum(best, jnp.max(z, axis=-1))
-        m = safe_shift(new_best)
         if t_ref is None:
-            tile = class_sums(z, m, w, config.smoothing)
+            tile_sums = functools.partial(class_sums, z, w=w, smoothing=config.smoothing)
         else:
             t = load(t_ref, cols, ok, 0.0).astype(z.dtype)
-            tile = soft_sums(z, t, m, w, config.smoothing)
+            tile_sums = functools.partial(soft_sums, z, t, w=w, smoothing=config.smoothing)
             if target_arg is not None:
                 target_arg = _argmax_step(target_arg, jnp.where(kept(z), t, -jnp.inf), col)
-        sums = jax.tree.map(jnp.add, rescale(sums, safe_shift(best), m), tile)
+        sums, best = online_add(sums, best, jnp.max(z, axis=-1), tile_sums)
         arg = None if arg is None else _argmax_step(arg, z, col)
-        return new_best, sums, arg, target_arg
+        return best, sums, arg, target_arg
 
     zeros = jnp.zeros((block_rows,), jnp.float32)
     no_arg = (zeros - jnp.inf, jnp.zeros((block_rows,), jnp.int32))
