@@ -123,18 +123,19 @@ def main(argv=None) -> dict:
     }
     if args.dtype:
         cases = {k: [(*c[:-1], args.dtype) for c in v] for k, v in cases.items()}
+    env = environment(argv)
+    env.update({"shapes": name, "repeats": repeats})
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].split(": ")[-1].lower()).strip("-")
+    out = args.out or Path(__file__).parent / "results" / ("cpu" if on_cpu else slug)
     rows = []
     work = [("plain", c) for c in cases["plain"]] + [("linear", c) for c in cases["linear"]]
     for suite, case in tqdm(work, desc="benchmarks"):
         module = plain if suite == "plain" else linear
         rows += module.run(case, repeats, ref_dtype)
+        report.write_json(rows, {**env, "complete": False}, out)  # kept if a later case dies
     if not args.no_torch:
         rows += attach_floors(torch_rows(cases["plain"], cases["linear"], repeats), rows)
-    env = environment(argv)
-    env.update({"shapes": name, "repeats": repeats})
     print(report.terminal(rows))
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].split(": ")[-1].lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / ("cpu" if on_cpu else slug)
-    report.write(rows, env, out)
+    report.write(rows, {**env, "complete": True}, out)
     print(f"wrote {out}/results.json, results.md, results.png")
     return {"environment": env, "results": rows}

@@ -1,44 +1,107 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should measure, in stages that each fit one
-# device call (10 minutes). Run from the repository root on the device machine:
+# Everything a session with a lent GPU should measure, in ONE device call, most
+# important first, each part time-boxed so the whole ends inside BUDGET seconds
+# (default 540: a device session has 15 minutes in all, starting the machine included).
+# Run from the repository root on the device machine:
 #
-#   bash benchmarks/gpu_session.sh tests   # the kernel and loss tests, compiled on the GPU
-#   bash benchmarks/gpu_session.sh bench   # python -m benchmarks --shapes gpu (+ torch baselines)
-#   bash benchmarks/gpu_session.sh sweep   # compiled memory at the LM heads; tile / block sweeps
+#   bash benchmarks/gpu_session.sh            # all parts, in order, until the budget is spent
+#   bash benchmarks/gpu_session.sh linear plain tests   # only these parts, in this order
+#
+# Parts (what each closes):
+#   linear  LM heads (Llama-3, Gemma-2; bf16, N=8192): time / three-matmul floor, compiled
+#           temp, peak, errors vs a float32 reference; Liger / CCE in a torch subprocess
+#   plain   plain losses (N=8192 V=128256 bf16 and f32; N=65536 C=1000 f32) vs one
+#           read+write pass; the Pallas forward; optax, naive jnp, torch F.cross_entropy
+#   memory  compiled temp of "chunked" and "lean" at N=8192 and 32768 (the growth rule)
+#   tests   the kernel and loss tests, compiled on the GPU
+#   sweep   block-size sweeps of "chunked" and "lean", tile sweep of the Pallas forward
 #
 # The device image has jax (CUDA), optax, chex, pytest, torch and triton but no
-# network: Liger Kernel and cut-cross-entropy travel as wheels. Before the first call,
-# here: `python3 -m pip download --no-deps -d .whl liger-kernel cut-cross-entropy`
-# and pass carry=[".whl"]. Results land under $OUT (or runs/gpu); copy them into
-# benchmarks/results/<device>/ and commit them with the command that made them.
+# network: Liger Kernel and cut-cross-entropy travel as wheels. Before the call, here:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     liger-kernel cut-cross-entropy
+# (pure-Python wheels: any platform flag works) and pass carry=[".whl"].
+# Results land under $OUT (or runs/gpu): session.log (everything printed, with the
+# seconds each part took), results.tar.gz (every JSON/Markdown/PNG), and the JSON of
+# each part as soon as it is written. Copy them into benchmarks/results/<device>/ and
+# commit them with this command line.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|bench|sweep}
 out=${OUT:-runs/gpu}
-mkdir -p "$out"
+budget=${BUDGET:-540}
+quick=${QUICK:+--quick}  # QUICK=1: tiny shapes, to rehearse the script on a CPU
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(linear plain memory tests sweep)
+res=$(mktemp -d)/gpu
+mkdir -p "$out" "$res"
+start=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# JAX keeps half the GPU; the torch baselines run in a child process beside it.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
+log="$out/session.log"
+
+left() { echo $((budget - ($(date +%s) - start))); }
+
+# part NAME MAX_SECONDS COMMAND...: run COMMAND for at most MAX_SECONDS and never past
+# the budget (20 s kept for packing the results); skipped when under 30 s remain.
+part() {
+  local name=$1 max=$2 t0 limit
+  shift 2
+  limit=$(($(left) - 20))
+  ((limit > max)) && limit=$max
+  if ((limit < 30)); then
+    echo "=== $name: skipped, $(left) s of the budget left" | tee -a "$log"
+    return
+  fi
+  echo "=== $name (at most $limit s): $*" | tee -a "$log"
+  t0=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $(($(date +%s) - t0)) s" | tee -a "$log"
+}
+
+keep() { # copy a part's JSON to $OUT at once (the tarball comes only at the end)
+  [ -f "$1" ] && cp "$1" "$out/$2"
+}
+
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-{ nvidia-smi; python3 -c "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())"; } \
-  2>&1 | tee "$out/environment.txt"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  python3 -c "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__, jax.devices())"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -m pip list 2>/dev/null | grep -iE "liger|cut.cross|optax|chex" || true
+} 2>&1 | tee -a "$log"
 
-case "$stage" in
-  tests)
-    # On a GPU, implementation=None takes the Pallas kernel, so these run it compiled.
-    timeout 540 python3 -m pytest -q -n 4 -p no:cacheprovider \
-      tests/pallas tests/test_categorical.py tests/test_stable.py tests/linear/test_api.py \
-      2>&1 | tee "$out/tests.log"
-    ;;
-  bench)
-    timeout 560 python3 -m benchmarks --shapes gpu --out "$out/results" 2>&1 | tee "$out/bench.log"
-    ;;
-  sweep)
-    timeout 150 python3 -m benchmarks.memory --out "$out/memory" 2>&1 | tee "$out/memory.log"
-    for what in row_stats chunked lean; do
-      timeout 140 python3 -m benchmarks.sweep "$what" --out "$out/sweep_$what.json" \
-        2>&1 | tee "$out/sweep_$what.log"
-    done
-    ;;
-  *) echo "unknown stage $stage" >&2; exit 2 ;;
-esac
+for p in "${parts[@]}"; do
+  case "$p" in
+    linear)
+      part linear 300 python3 -m benchmarks --suite linear --shapes lm $quick --out "$res/linear"
+      keep "$res/linear/results.json" linear.json
+      ;;
+    plain)
+      part plain 150 python3 -m benchmarks --suite plain --shapes gpu $quick --out "$res/plain"
+      keep "$res/plain/results.json" plain.json
+      ;;
+    memory)
+      part memory 120 python3 -m benchmarks.memory --implementations chunked lean \
+        --out "$res/memory"
+      ;;
+    tests)
+      # One worker: several would each take the GPU's memory.
+      XLA_PYTHON_CLIENT_PREALLOCATE=false part tests 240 python3 -m pytest -q -x \
+        -p no:cacheprovider tests/pallas tests/linear/test_api.py tests/test_categorical.py
+      ;;
+    sweep)
+      for what in chunked lean row_stats; do
+        part "sweep $what" 100 python3 -m benchmarks.sweep "$what" --out "$res/sweep_$what.json"
+      done
+      ;;
+    *) echo "unknown part $p (linear plain memory tests sweep)" | tee -a "$log" ;;
+  esac
+done
+
+tar -czf "$out/results.tar.gz" -C "$(dirname "$res")" gpu
+echo "=== done after $(($(date +%s) - start)) s; results in $out" | tee -a "$log"

@@ -1,6 +1,6 @@
 """Compiled temp memory of `linear_cross_entropy` at the language-model head shapes.
 
-    python -m benchmarks.memory [--out DIR]
+    python -m benchmarks.memory [--out DIR] [--tokens 8192 32768] [--implementations ...]
 
 Compile only (shapes, no arrays), so it runs at full size on any machine: forward +
 backward of the mean loss w.r.t. x and w, for N = 8192 and 32768 tokens, with the
@@ -43,11 +43,14 @@ def temp_bytes(impl, n, d, v, dtype, block) -> int:
     return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-def run() -> list[dict]:
+IMPLEMENTATIONS = ("chunked", "lean", "xla")
+
+
+def run(tokens=TOKENS, implementations=IMPLEMENTATIONS) -> list[dict]:
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     rows = []
     for head, (d, v) in HEADS.items():
-        for n in TOKENS:
+        for n in tokens:
             blocks = {
                 "chunked (default)": default_block_size(n, v, "gpu"),
                 "lean": default_vocab_block_size(n, v, "gpu"),
@@ -55,6 +58,8 @@ def run() -> list[dict]:
             }
             for impl, block in blocks.items():
                 name = impl.split()[0]
+                if name not in implementations:
+                    continue
                 temp = temp_bytes(name, n, d, v, dtype, block)
                 rows.append({"head": head, "N": n, "D": d, "V": v, "dtype": jnp.dtype(dtype).name,
                              "implementation": impl, "block_size": block, "temp_bytes": temp,
@@ -66,7 +71,7 @@ def markdown(rows, device) -> str:
     lines = [
         f"Compiled temp of forward + backward, `python -m benchmarks.memory` on {device}.",
         "",
-        "| head | N | dtype | implementation | block | temp MiB | of f32 logits | vs N=8192 |",
+        "| head | N | dtype | implementation | block | temp MiB | of f32 logits | vs smallest N |",
         "|---|---|---|---|---|---|---|---|",
     ]
     first = {}
@@ -84,10 +89,14 @@ def markdown(rows, device) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    p.add_argument(
+        "--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS)
+    )
     args = p.parse_args(argv)
     device = jax.devices()[0]
     label = f"{device.platform}: {device.device_kind}, jax {jax.__version__}"
-    rows = run()
+    rows = run(args.tokens, args.implementations)
     text = markdown(rows, label)
     print(text)
     if args.out:

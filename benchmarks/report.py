@@ -78,8 +78,12 @@ def chart(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def write(rows, env, out: Path) -> None:
+def write_json(rows, env, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+
+
+def write(rows, env, out: Path) -> None:
+    write_json(rows, env, out)
     (out / "results.md").write_text(markdown(rows, env))
     chart(rows, out / "results.png")

@@ -27,6 +27,10 @@ from .timing import measure
 LLAMA3 = (8192, 4096, 128256)
 
 
+def _drop_executables(results: dict) -> dict:
+    return {k: {f: v for f, v in r.items() if f != "compiled"} for k, r in results.items()}
+
+
 def row_stats(repeats: int) -> list[dict]:
     from jaxent.pallas.row_stats import kernel_stats
 
@@ -46,7 +50,7 @@ def row_stats(repeats: int) -> list[dict]:
              (4, 1024), (4, 2048), (8, 512)]  # fmt: skip
     fns = {"floor": lambda x, y: 2 * x}
     fns.update({f"rows={r} classes={k}": forward(r, k) for r, k in tiles})
-    results = measure(fns, dict.fromkeys(fns, (x, y)), repeats)
+    results = _drop_executables(measure(fns, dict.fromkeys(fns, (x, y)), repeats))
     floor = results.pop("floor")["seconds"]
     return [{"case": k, "N": n, "C": c, "ratio": v["seconds"] / floor, **v}
             for k, v in results.items()]  # fmt: skip
@@ -66,7 +70,7 @@ def blocks(impl: str, sizes, repeats: int) -> list[dict]:
     fns = {"floor": linear.three_matmuls}
     fns.update({f"{impl} block={b}": step(b) for b in sizes})
     args = {k: (x, w, g) if k == "floor" else (x, w, y) for k in fns}
-    results = measure(fns, args, repeats)
+    results = _drop_executables(measure(fns, args, repeats))
     floor = results.pop("floor")["seconds"]
     return [{"case": k, "N": n, "D": d, "V": v, "ratio": r["seconds"] / floor, **r}
             for k, r in results.items()]  # fmt: skip

@@ -33,42 +33,57 @@ def median_seconds(fns: dict, args: dict, repeats: int, warmup: int = 2) -> dict
     return {k: statistics.median(t) for k, t in times.items()}
 
 
-def temp_bytes(jitted, args) -> int | None:
+def temp_bytes(compiled) -> int | None:
     """Compiled temporary memory (`memory_analysis().temp_size_in_bytes`)."""
-    analysis = jitted.lower(*args).compile().memory_analysis()
+    analysis = compiled.memory_analysis()
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
-def peak_bytes() -> int | None:
-    """Device peak bytes in use so far (GPU/TPU; None on CPU). JAX cannot reset it, so
-    it is the running peak of the process: read after each function's first call, in
-    the order given (put the leanest first), it bounds that function's peak."""
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+def _memory_stats() -> dict:
+    return jax.devices()[0].memory_stats() or {}
+
+
+def peak_extra_bytes(run) -> int | None:
+    """Bytes the device's peak rose above what was in use before `run()` (GPU/TPU; None
+    on CPU). JAX cannot reset the peak, so only a rise above every earlier peak of the
+    process is seen: None also when the peak did not rise. Measure the leanest
+    functions first."""
+    before = _memory_stats()
+    run()
+    after = _memory_stats()
+    if "peak_bytes_in_use" not in after:
+        return None
+    if after["peak_bytes_in_use"] <= before.get("peak_bytes_in_use", 0):
+        return None
+    return after["peak_bytes_in_use"] - before["bytes_in_use"]
 
 
 def notice(name, err) -> None:
-    print(f"  {name}: skipped ({type(err).__name__}: {str(err)[:120]})")
+    print(f"  {name}: skipped ({type(err).__name__}: {str(err)[:160]})")
 
 
 def measure(fns: dict, args: dict, repeats: int, skip=notice) -> dict:
-    """{name: {"seconds", "temp_bytes", "peak_bytes"}} for each function that compiles
-    and runs; `skip(name, err)` is told of each one that raises (e.g. out of memory)."""
+    """{name: {"seconds", "temp_bytes", "peak_bytes", "compiled"}} for each function
+    that compiles and runs, in the order of `fns` (put the leanest first: see
+    `peak_extra_bytes`). Each function is compiled once; "compiled" is the executable,
+    for the caller's accuracy checks. `skip(name, err)` is told of each one that
+    raises (e.g. out of memory)."""
     ok, peaks = {}, {}
     for name, fn in fns.items():
-        jitted = jax.jit(fn)
         try:
-            jax.block_until_ready(jitted(*args[name]))
+            compiled = jax.jit(fn).lower(*args[name]).compile()
+            peaks[name] = peak_extra_bytes(lambda c=compiled, a=args[name]: _once(c, a))
         except Exception as err:  # e.g. out of memory for a materialised baseline
             skip(name, err)
             continue
-        ok[name], peaks[name] = jitted, peak_bytes()
+        ok[name] = compiled
     seconds = median_seconds(ok, args, repeats)
     return {
         name: {
             "seconds": seconds[name],
-            "temp_bytes": temp_bytes(ok[name], args[name]),
+            "temp_bytes": temp_bytes(ok[name]),
             "peak_bytes": peaks[name],
+            "compiled": ok[name],
         }
         for name in ok
     }

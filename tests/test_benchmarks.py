@@ -20,7 +20,7 @@ def test_quick_benchmark(tmp_path):
     suites = {r["suite"] for r in rows}
     assert suites == {"plain", "linear"}
     impls = {r["implementation"] for r in rows}
-    assert {"jaxent", "optax", "jaxent chunked", "jaxent lean"} <= impls
+    assert {"jaxent", "optax", "jaxent default", "jaxent lean"} <= impls
     for r in rows:
         assert r["seconds"] > 0 and r["floor_seconds"] > 0
         assert math.isclose(r["ratio"], r["seconds"] / r["floor_seconds"])
