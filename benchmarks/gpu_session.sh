@@ -95,9 +95,11 @@ for p in "${parts[@]}"; do
         -p no:cacheprovider tests/pallas tests/linear/test_api.py tests/test_categorical.py
       ;;
     sweep)
-      for what in chunked lean row_stats; do
-        part "sweep $what" 100 python3 -m benchmarks.sweep "$what" --out "$res/sweep_$what.json"
-      done
+      part "sweep chunked" 150 python3 -m benchmarks.sweep chunked --heads gemma2 llama3 \
+        --out "$res/sweep_chunked.json"
+      part "sweep lean" 120 python3 -m benchmarks.sweep lean --out "$res/sweep_lean.json"
+      part "sweep row_stats" 90 python3 -m benchmarks.sweep row_stats \
+        --out "$res/sweep_row_stats.json"
       ;;
     *) echo "unknown part $p (linear plain memory tests sweep)" | tee -a "$log" ;;
   esac

@@ -1,8 +1,8 @@
 """Tile and block-size sweeps, for tuning the defaults on an accelerator.
 
     python -m benchmarks.sweep row_stats   # Pallas forward kernel: (block_rows, block_classes)
-    python -m benchmarks.sweep chunked     # linear_cross_entropy: tokens per block
-    python -m benchmarks.sweep lean        # linear_cross_entropy "lean": classes per block
+    python -m benchmarks.sweep chunked [--heads llama3 gemma2]  # tokens per block
+    python -m benchmarks.sweep lean [--heads llama3 gemma2]     # "lean": classes per block
 
 Each line is a time over the floor measured in the same run (row_stats: one read +
 write pass over the logits, so the ideal for a read-only forward is 0.5; chunked and
@@ -56,8 +56,12 @@ def row_stats(repeats: int) -> list[dict]:
             for k, v in results.items()]  # fmt: skip
 
 
-def blocks(impl: str, sizes, repeats: int) -> list[dict]:
-    n, d, v = LLAMA3
+HEADS = {"llama3": (8192, 4096, 128256), "gemma2": (8192, 2304, 256000)}
+SIZES = {"chunked": [512, 1024, 2048], "lean": [2048, 4096, 8192, 16384]}
+
+
+def blocks(impl: str, sizes, repeats: int, head=LLAMA3) -> list[dict]:
+    n, d, v = head
     x, w, y = linear.inputs(n, d, v, jnp.bfloat16)
     g = (jax.random.normal(jax.random.PRNGKey(1), (n, v), jnp.float32) * 1e-3).astype(x.dtype)
 
@@ -79,21 +83,27 @@ def blocks(impl: str, sizes, repeats: int) -> list[dict]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__)
     p.add_argument("what", choices=["row_stats", "chunked", "lean"])
+    p.add_argument("--heads", nargs="+", choices=sorted(HEADS), default=["llama3"],
+                   help="LM heads (N=8192, bf16) for the chunked and lean sweeps")  # fmt: skip
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
-    if args.what == "row_stats":
-        rows = row_stats(args.repeats)
-    elif args.what == "chunked":
-        rows = blocks("chunked", [256, 512, 1024, 2048], args.repeats)
-    else:
-        rows = blocks("lean", [1024, 2048, 4096, 8192, 16384], args.repeats)
-    for r in rows:
-        print(f"{r['case']:28s} {r['ratio']:6.3f} x floor  {r['seconds'] * 1e3:8.2f} ms  "
-              f"temp {r['temp_bytes'] / 2**20:9.1f} MiB")  # fmt: skip
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": str(jax.devices()[0]), "rows": rows}, indent=2))
+    rows = []
+    for head in ["-"] if args.what == "row_stats" else args.heads:
+        if args.what == "row_stats":
+            new = row_stats(args.repeats)
+        else:
+            new = blocks(args.what, SIZES[args.what], args.repeats, HEADS[head])
+        for r in new:
+            shape = f"D={r['D']} V={r['V']}" if "D" in r else f"C={r['C']}"
+            ms, mib = r["seconds"] * 1e3, r["temp_bytes"] / 2**20
+            print(f"{shape:16s} {r['case']:28s} {r['ratio']:6.3f} x floor  {ms:8.2f} ms  "
+                  f"temp {mib:9.1f} MiB")  # fmt: skip
+        rows += new
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            device = str(jax.devices()[0])
+            args.out.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
