@@ -91,7 +91,7 @@ for p in "${parts[@]}"; do
       ;;
     tests)
       # One worker: several would each take the GPU's memory.
-      XLA_PYTHON_CLIENT_PREALLOCATE=false part tests 240 python3 -m pytest -q -x \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false part tests 240 python3 -m pytest -q \
         -p no:cacheprovider tests/pallas tests/linear/test_api.py tests/test_categorical.py
       ;;
     sweep)

@@ -12,16 +12,8 @@ from jax import lax
 
 
 def varying_axes(a) -> frozenset:
-    """Mesh axes over which `a` varies inside `shard_map` (empty outside).
-
-    jax <= 0.9 exposes them as `typeof(a).vma`, later versions as
-    `typeof(a).manual_axis_type.varying`.
-    """
-    aval = jax.typeof(a)
-    axes = getattr(aval, "vma", None)
-    if axes is None:
-        axes = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
-    return frozenset(axes)
+    """Mesh axes over which `a` varies inside `shard_map` (empty outside)."""
+    return frozenset(jax.typeof(a).manual_axis_type.varying)
 
 
 def varying_like(zeros: jax.Array, refs, summed_over=None) -> jax.Array:

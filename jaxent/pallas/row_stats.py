@@ -154,11 +154,8 @@ def _kernel(x_ref, t_ref, mask_ref, w_ref, out: Out, *, n, c, block_rows, block_
 
 def _like(x, shape, dtype) -> jax.ShapeDtypeStruct:
     """An output type that varies over the mesh axes `x` varies over: inside
-    `shard_map`, pallas_call needs to be told (jax <= 0.9 calls it `vma`)."""
-    aval = jax.typeof(x)
-    if hasattr(aval, "manual_axis_type"):
-        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.manual_axis_type)
-    return jax.ShapeDtypeStruct(shape, dtype, vma=getattr(aval, "vma", frozenset()))
+    `shard_map`, pallas_call needs to be told."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(x).manual_axis_type)
 
 
 def _launch(config: Config, x, t, mask, weights) -> Out:

@@ -17,13 +17,25 @@ from jax.sharding import PartitionSpec as P
 
 import jaxent
 
-TRITON = "__gpu$xla.gpu.triton"
+# The Triton kernel's custom call: jaxlib <= 0.10.2 emits the first, newer jaxlibs compile
+# the PTX while lowering (which needs a GPU, or fails on a CPU-only host) and emit the
+# second.
+TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
+_COMPILES_WHILE_LOWERING = tuple(map(int, jax.lib.__version__.split(".")[:3])) > (0, 10, 2)
+pytestmark = pytest.mark.skipif(
+    _COMPILES_WHILE_LOWERING and jax.default_backend() != "gpu",
+    reason="this jaxlib compiles Triton kernels while lowering: exporting for CUDA needs a GPU",
+)
 
 
 def lowered(fn, platform, *args) -> str:
-    checks = [export.DisabledSafetyCheck.custom_call(TRITON)]
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in TARGETS]
     exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
     return exported.mlir_module()
+
+
+def kernel_calls(text: str) -> int:
+    return sum(text.count(t) for t in TARGETS)
 
 
 def spec(shape, dtype):
@@ -57,7 +69,7 @@ def test_default_choice_lowers_to_the_triton_kernel_for_cuda(shape, dtype, optio
     fn = functools.partial(loss_and_grad, **opts)
     text = lowered(fn, "cuda", spec(shape, dtype), spec(shape[:-1], jnp.int32))
     # One kernel, in the forward; the backward is the one fused XLA pass.
-    assert text.count(TRITON) == 1
+    assert kernel_calls(text) == 1
 
 
 SOFT_ALL = {k: v for k, v in ALL.items() if k != "ignore_index"}
@@ -70,17 +82,18 @@ def test_soft_default_lowers_to_the_triton_kernel_for_cuda(shape, options):
         return jax.value_and_grad(loss, argnums=(0, 1), has_aux="return_aux" in options)(x, t)
 
     text = lowered(fn, "cuda", spec(shape, jnp.bfloat16), spec(shape, jnp.bfloat16))
-    assert text.count(TRITON) == 1
+    assert kernel_calls(text) == 1
 
 
 def test_xla_choice_and_float64_lower_without_the_kernel():
     args = (spec((64, 1000), jnp.bfloat16), spec((64,), jnp.int32))
     xla = functools.partial(loss_and_grad, implementation="xla")
-    assert TRITON not in lowered(xla, "cuda", *args)
+    assert kernel_calls(lowered(xla, "cuda", *args)) == 0
     args64 = (spec((64, 1000), jnp.float64), spec((64,), jnp.int32))
-    assert TRITON not in lowered(loss_and_grad, "cuda", *args64)
+    assert kernel_calls(lowered(loss_and_grad, "cuda", *args64)) == 0
 
 
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (CI simulates 8 CPUs)")
 def test_vocab_sharded_kernel_lowers_inside_shard_map():
     """Compiled kernels run under shard_map's default check_vma=True: each output is
     typed as varying like the logits."""
@@ -92,7 +105,7 @@ def test_vocab_sharded_kernel_lowers_inside_shard_map():
     run = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "v"), P()), out_specs=P())
     fn = jax.value_and_grad(run)
     text = lowered(fn, "cuda", spec((64, 1024), jnp.bfloat16), spec((64,), jnp.int32))
-    assert text.count(TRITON) == 1
+    assert kernel_calls(text) == 1
 
 
 def test_tpu_takes_the_xla_path():
@@ -100,6 +113,6 @@ def test_tpu_takes_the_xla_path():
     TPU the XLA path, with no Pallas call in its module."""
     x = spec((64, 1000), jnp.bfloat16)
     text = lowered(loss_and_grad, "tpu", x, spec((64,), jnp.int32))
-    assert TRITON not in text and "tpu_custom_call" not in text
+    assert kernel_calls(text) == 0 and "tpu_custom_call" not in text
     soft = lowered(lambda x, t: jaxent.soft_cross_entropy(x, t), "tpu", x, x)
-    assert TRITON not in soft and "tpu_custom_call" not in soft
+    assert kernel_calls(soft) == 0 and "tpu_custom_call" not in soft
