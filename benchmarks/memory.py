@@ -4,14 +4,15 @@
 
 Compile only (shapes, no arrays), so it runs at full size on any machine: forward +
 backward of the mean loss w.r.t. x and w, for N = 8192 and 32768 tokens, with the
-block sizes jaxent picks on a GPU (`default_block_size(..., "gpu")`,
+block sizes jaxent picks on a GPU for bfloat16 inputs (`gpu_chunked_blocks`,
 `default_vocab_block_size(..., "gpu")`), as `memory_analysis().temp_size_in_bytes`.
 
 On a GPU the inputs are bfloat16. On CPU they are float32: XLA:CPU has no bfloat16
 matmul and hoists a float32 conversion of all of `w` out of the block loops, a
 CPU-only temp that would hide what the loss itself holds; float32 inputs are the
-closer proxy of the GPU's buffers (the float32 logits blocks, dx and dw accumulators
-are float32 either way). Writes memory.json and memory.md.
+closer proxy of the GPU's buffers (the float32 logits, dx and dw accumulators are
+float32 either way; "chunked"'s block gradient, bfloat16 on the GPU, is float32 here,
+so the proxy overstates it). Writes memory.json and memory.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxent
-from jaxent.linear.api import default_block_size, default_vocab_block_size
+from jaxent.linear.api import default_block_size, default_sub_block, default_vocab_block_size
 
 HEADS = {"Llama-3": (4096, 128256), "Gemma-2": (2304, 256000)}
 TOKENS = (8192, 32768)
@@ -46,13 +47,19 @@ def temp_bytes(impl, n, d, v, dtype, block) -> int:
 IMPLEMENTATIONS = ("chunked", "lean", "xla")
 
 
+def gpu_chunked_blocks(n: int, v: int) -> tuple[int, int]:
+    """What "chunked" picks on a GPU for bfloat16 inputs: (tokens per block, per sub-block)."""
+    block = default_block_size(n, v, "gpu", itemsize=2)
+    return block, default_sub_block(block, v, "gpu", itemsize=2)
+
+
 def run(tokens=TOKENS, implementations=IMPLEMENTATIONS) -> list[dict]:
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     rows = []
     for head, (d, v) in HEADS.items():
         for n in tokens:
             blocks = {
-                "chunked (default)": default_block_size(n, v, "gpu"),
+                "chunked (default)": gpu_chunked_blocks(n, v),
                 "lean": default_vocab_block_size(n, v, "gpu"),
                 "xla": None,
             }
@@ -65,6 +72,16 @@ def run(tokens=TOKENS, implementations=IMPLEMENTATIONS) -> list[dict]:
                              "implementation": impl, "block_size": block, "temp_bytes": temp,
                              "of_f32_logits": temp / (4 * n * v)})  # fmt: skip
     return rows
+
+
+def _block(block) -> str:
+    return (
+        ""
+        if block is None
+        else "/".join(map(str, block))
+        if isinstance(block, tuple)
+        else str(block)
+    )
 
 
 def markdown(rows, device) -> str:
@@ -80,7 +97,7 @@ def markdown(rows, device) -> str:
         first.setdefault(key, r["temp_bytes"])
         lines.append(
             f"| {r['head']} | {r['N']} | {r['dtype']} | {r['implementation']} | "
-            f"{r['block_size'] or ''} | {r['temp_bytes'] / 2**20:.0f} | "
+            f"{_block(r['block_size'])} | {r['temp_bytes'] / 2**20:.0f} | "
             f"{100 * r['of_f32_logits']:.1f}% | {r['temp_bytes'] / first[key]:.2f}× |"
         )
     return "\n".join(lines) + "\n"

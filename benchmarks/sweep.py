@@ -57,7 +57,11 @@ def row_stats(repeats: int) -> list[dict]:
 
 
 HEADS = {"llama3": (8192, 4096, 128256), "gemma2": (8192, 2304, 256000)}
-SIZES = {"chunked": [512, 1024, 2048], "lean": [2048, 4096, 8192, 16384]}
+# "chunked": tokens per block, or (per block, per sub-block of float32 logits).
+SIZES = {
+    "chunked": [1024, (2048, 2048), (2048, 1024), (2048, 512), (4096, 512)],
+    "lean": [2048, 4096, 8192, 16384],
+}
 
 
 def blocks(impl: str, sizes, repeats: int, head=LLAMA3) -> list[dict]:
@@ -72,7 +76,8 @@ def blocks(impl: str, sizes, repeats: int, head=LLAMA3) -> list[dict]:
         return jax.value_and_grad(loss, argnums=(0, 1))
 
     fns = {"floor": linear.three_matmuls}
-    fns.update({f"{impl} block={b}": step(b) for b in sizes})
+    fns.update({f"{impl} block={'/'.join(map(str, b)) if isinstance(b, tuple) else b}": step(b)
+                for b in sizes})  # fmt: skip
     args = {k: (x, w, g) if k == "floor" else (x, w, y) for k in fns}
     results = _drop_executables(measure(fns, args, repeats))
     floor = results.pop("floor")["seconds"]

@@ -147,6 +147,26 @@ def check_positive_int_or_none(name: str, value: Any) -> int | None:
     return int(value)
 
 
+def check_block_size(value: Any, implementation: str | None) -> int | tuple[int, int] | None:
+    """`block_size` of `linear_cross_entropy`: a positive int, or for "chunked" (and None,
+    which runs it) a pair (tokens per block, tokens per sub-block) whose second entry
+    divides the first."""
+    if not isinstance(value, tuple):
+        return check_positive_int_or_none("block_size", value)
+    if implementation not in (None, "chunked") or len(value) != 2:
+        raise ValueError(
+            "`block_size` may be a pair (tokens per block, tokens per sub-block) only for "
+            f"implementation 'chunked' (or None); got {value!r} with {implementation!r}."
+        )
+    block, sub = (check_positive_int_or_none("block_size", v) for v in value)
+    if block % sub:
+        raise ValueError(
+            f"`block_size` = (block, sub-block) needs the sub-block to divide the block, "
+            f"got {value!r}."
+        )
+    return block, sub
+
+
 def check_ignore_index(ignore_index: Any) -> int | None:
     if ignore_index is None:
         return None

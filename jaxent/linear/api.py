@@ -20,23 +20,49 @@ from .reference import linear_cross_entropy_xla
 
 IMPLEMENTATIONS = (None, "xla", "chunked", "lean", "pallas")
 
-# Bytes of one block of float32 logits (B x V) by backend: small on CPU, where the
-# matmuls are efficient at any block size and memory is what the block costs; large
-# on accelerators, where big blocks keep the matmuls at full speed.
-_BLOCK_BYTES = {"cpu": 16 << 20, "gpu": 1 << 30, "tpu": 256 << 20}
+# "chunked" memory budgets by backend, in bytes: (one block's logit gradient, B x V in
+# the matmul dtype; one sub-block's float32 logits, S x V). Small on CPU, where the
+# matmuls are efficient at any size and memory is what a block costs; large on
+# accelerators, where long blocks keep the dw matmul from being bound by its (V, D)
+# float32 accumulator, read and written once per block.
+_BLOCK_BYTES = {
+    "cpu": (8 << 20, 8 << 20),
+    "gpu": (1 << 30, 512 << 20),
+    "tpu": (128 << 20, 128 << 20),
+}
 
 
-def default_block_size(num_tokens: int, vocab: int, backend: str | None = None) -> int:
-    """Tokens per block: the largest power of two whose float32 logits fit the backend's
-    budget, between 8 and 2048, and no larger than needed for `num_tokens`."""
-    backend = backend or jax.default_backend()
-    budget = _BLOCK_BYTES.get(backend, _BLOCK_BYTES["gpu"])
+def _budget(backend: str | None) -> tuple[int, int]:
+    return _BLOCK_BYTES.get(backend or jax.default_backend(), _BLOCK_BYTES["gpu"])
+
+
+def default_block_size(
+    num_tokens: int, vocab: int, backend: str | None = None, itemsize: int = 4
+) -> int:
+    """Tokens per block of "chunked": the largest power of two in [8, 2048] whose logit
+    gradient (B x V, `itemsize` bytes each: the matmul dtype's) fits the backend's
+    budget, no larger than needed for `num_tokens`."""
+    budget = _budget(backend)[0]
     block = 8
-    while block < 2048 and 2 * block * vocab * 4 <= budget:
+    while block < 2048 and 2 * block * vocab * itemsize <= budget:
         block *= 2
     while block > 8 and block // 2 >= num_tokens:
         block //= 2
     return block
+
+
+def default_sub_block(block: int, vocab: int, backend: str | None = None, itemsize: int = 4) -> int:
+    """Tokens per sub-block of "chunked": the largest power of two dividing `block` whose
+    float32 logits (S x V) fit the backend's budget (at least 1). With a 4-byte matmul
+    dtype the whole block: its gradient then overwrites its logits in place, so
+    sub-blocks would only add a buffer (measured on CPU)."""
+    if itemsize >= 4:
+        return block
+    budget = _budget(backend)[1]
+    sub = block & -block  # the largest power of two dividing the block
+    while sub > 1 and sub * vocab * 4 > budget:
+        sub //= 2
+    return sub
 
 
 # Bytes of one (N, Bv) block of float32 logits for "lean", by backend: with its
@@ -65,7 +91,7 @@ def dividing_block(vocab: int, block: int, largest: int | None = None) -> int:
     return block
 
 
-def _static(options: dict, return_aux: bool) -> chunked.Static:
+def _static(options: dict, return_aux: bool, sub_blocks: int = 1) -> chunked.Static:
     """Trace-time options; a scalar option given as an array is carried as an operand."""
     ls, zl = options["label_smoothing"], options["z_loss"]
     return chunked.Static(
@@ -75,6 +101,7 @@ def _static(options: dict, return_aux: bool) -> chunked.Static:
         z_loss=zl if isinstance(zl, float) else None,
         vocab_axis_name=options["vocab_axis_name"],
         with_argmax=return_aux,
+        sub_blocks=sub_blocks,
     )
 
 
@@ -93,11 +120,14 @@ def _chunked(
     block_size,
 ):
     lead = x.shape[:-1]
-    n = math.prod(lead)
-    block = block_size or default_block_size(n, w.shape[0])
+    n, vocab = math.prod(lead), w.shape[0]
+    block, sub = block_size if isinstance(block_size, tuple) else (block_size, None)
+    mm_itemsize = jnp.dtype(jnp.result_type(x.dtype, w.dtype)).itemsize
+    block = block or default_block_size(n, vocab, itemsize=mm_itemsize)
+    sub = sub or default_sub_block(block, vocab, itemsize=mm_itemsize)
     num_blocks = max(1, -(-n // block))  # an empty batch runs one all-padding block
     pmask = jnp.ones(lead, bool) if position_mask is None else position_mask
-    st = _static(options, return_aux)
+    st = _static(options, return_aux, block // sub)
     ops = chunked.Operands(
         x=strided_blocks(x.reshape(n, x.shape[-1]), num_blocks, block),
         w=w,
@@ -293,7 +323,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     return_aux: bool = False,
     implementation: str | None = None,
-    block_size: int | None = None,
+    block_size: int | tuple[int, int] | None = None,
     vocab_axis_name: Any = None,
     batch_axis_name: Any = None,
 ):
@@ -320,18 +350,23 @@ def linear_cross_entropy(
         materialised reference), "chunked" (pure JAX, token blocks, `custom_vjp`),
         "lean" (pure JAX, vocabulary blocks: the least memory, one extra matmul),
         "pallas" (not available yet: raises NotImplementedError).
-      block_size: tokens per block for "chunked" (default `default_block_size`),
-        classes per block for "lean" (default `default_vocab_block_size`; lowered to a
-        divisor of V within a factor 2 when there is one, so `w` is used in place).
+      block_size: for "chunked", tokens per block (default `default_block_size`), or a
+        pair (tokens per block, tokens per sub-block; the second divides the first,
+        default `default_sub_block`): each block's logit gradient (block x V, matmul
+        dtype) feeds the dx and dw matmuls, its float32 logits are formed a sub-block
+        at a time. For "lean", classes per block (default `default_vocab_block_size`;
+        lowered to a divisor of V within a factor 2 when there is one, so `w` is used
+        in place).
 
     Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32),
     not to `class_weights` or the scalar options. The matmuls run in the inputs'
     dtype with float32 accumulation. aux carries no gradient.
 
-    Memory ("chunked"): one block of float32 logits and its gradient, plus a float32
-    dw accumulator (V x D) when differentiating with reduction "sum"/"mean" (the
-    logit gradient is formed in the forward pass: 3 matmuls); reduction "none"
-    recomputes each block's logits in the backward pass (4 matmuls). "lean": one
+    Memory ("chunked"): one sub-block of float32 logits and one block of their
+    gradient in the matmul dtype, plus a float32 dw accumulator (V x D) when
+    differentiating with reduction "sum"/"mean" (the logit gradient is formed in the
+    forward pass: 3 matmuls); reduction "none" recomputes the logits in the backward
+    pass (4 matmuls). "lean": one
     (N, Bv) block of float32 logits and a float32 dx accumulator (N x D), never a
     float32 copy of w; the backward recomputes the logits (4 matmuls).
     """
@@ -352,7 +387,7 @@ def linear_cross_entropy(
         bias = _checks.check_floating("bias", bias)
         _checks.check_shape("bias", bias, (vocab,), "It holds one value per row of `w`.")
     implementation = _checks.check_implementation(implementation, IMPLEMENTATIONS)
-    block_size = _checks.check_positive_int_or_none("block_size", block_size)
+    block_size = _checks.check_block_size(block_size, implementation)
     ls_static, ls = _checks.check_scalar_option(
         "label_smoothing", label_smoothing, low=0.0, high=1.0
     )

@@ -1,9 +1,18 @@
 """Pure-JAX fused `linear_cross_entropy` over blocks of tokens.
 
-The N tokens are cut into blocks of B (padded; padding is a dropped position). For
-each block the (B, V) logits are formed with one matmul, turned into per-position
-losses by `_stable.categorical_rows` (the same code as `cross_entropy`), and
-discarded, so memory holds one block of logits, never (N, V).
+The N tokens are cut into blocks of B (padded; padding is a dropped position), and
+each block into `sub_blocks` strided sub-blocks of S = B / sub_blocks tokens. For each
+sub-block the (S, V) float32 logits are formed with one matmul, turned into
+per-position losses by `_stable.categorical_rows` (the same code as `cross_entropy`),
+and discarded, so memory holds one sub-block of float32 logits, never (N, V).
+
+Why two sizes: the dw matmul of a block, dw += dlogits.T @ x_block, contracts over
+its B tokens and reads and writes the (V, D) float32 accumulator once per block. With
+few tokens per block that traffic rivals the matmul itself (at Gemma-2's head, V x D
+float32 is 2.4 GB, moved twice per block), so blocks want to be long (B ~ 2048); the
+float32 logits, 4 bytes per logit against the gradient's 2 in bfloat16, are what
+bounds memory, so they are formed a sub-block at a time and only the block's
+gradient, in the matmul dtype, is held whole.
 
 Two gradient schemes, both `jax.custom_vjp`:
 
@@ -12,7 +21,7 @@ Two gradient schemes, both `jax.custom_vjp`:
   at once: dx_block = dlogits @ w, dw += dlogits.T @ x_block (float32 accumulator).
   Three matmuls in all and no recompute; the backward only scales the saved dx, dw.
 - `token_rows` (reduction "none": arbitrary per-position cotangents). The forward
-  keeps nothing but its inputs; the backward recomputes each block's logits (a
+  keeps nothing but its inputs; the backward recomputes each sub-block's logits (a
   fourth matmul) and applies the cotangent.
 
 A call without differentiation runs only the forward scan (no gradient work).
@@ -28,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._stable import Rows, categorical_rows
-from .blocks import put_block, take_block
+from .blocks import put_block, strided_blocks, take_block
 from .mesh import sum_to_primal_axes, varying_like
 from .reference import project
 
@@ -42,6 +51,7 @@ class Static(NamedTuple):
     z_loss: float | None
     vocab_axis_name: object
     with_argmax: bool  # only for aux.accuracy
+    sub_blocks: int = 1  # "chunked": strided sub-blocks per block of tokens
 
 
 class Operands(NamedTuple):
@@ -90,34 +100,109 @@ def _block(ops: Operands, i):
     return tuple(take_block(a, i) for a in (ops.x, ops.labels, ops.position_mask, ops.logit_mask))
 
 
-def _indices(ops: Operands):
-    return jnp.arange(ops.x.shape[1], dtype=jnp.int32)
+def _indices(n: int):
+    return jnp.arange(n, dtype=jnp.int32)
+
+
+def _split(st: Static, a):
+    """A block's (B, ...) array as `sub_blocks` strided sub-blocks, (S, sub_blocks, ...):
+    sub-block j holds the block's positions j, j + sub_blocks, ... — strided for the
+    reason the blocks are (see `blocks`), so a split of the positions over devices
+    stays a split of every sub-block."""
+    return None if a is None else strided_blocks(a, st.sub_blocks, a.shape[0] // st.sub_blocks)
+
+
+def _in_block_order(a):
+    """Per-sub-block results stacked by a loop, (sub_blocks, S, ...), in the order of
+    the block's positions, (B, ...)."""
+    return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
+
+
+def _block_rows(st: Static, ops: Operands, block) -> Rows:
+    """Per-position rows of one block, (B,) each, a sub-block of logits at a time."""
+    subs = tuple(_split(st, a) for a in block)
+
+    def step(carry, j):
+        xs, labels, pmask, lmask = (take_block(a, j) for a in subs)
+        return carry, _rows(st, ops, project(xs, ops.w, ops.bias), labels, pmask, lmask)
+
+    rows = lax.scan(step, None, _indices(st.sub_blocks))[1]
+    return jax.tree.map(_in_block_order, rows)
 
 
 def _forward(st: Static, ops: Operands) -> Rows:
     """Per-position rows, (nb, B) each."""
 
     def step(carry, i):
-        xb, labels, pmask, lmask = _block(ops, i)
-        return carry, _rows(st, ops, project(xb, ops.w, ops.bias), labels, pmask, lmask)
+        return carry, _block_rows(st, ops, _block(ops, i))
 
-    return lax.scan(step, None, _indices(ops))[1]
+    return lax.scan(step, None, _indices(ops.x.shape[1]))[1]
 
 
-def _logit_grad_to_params(st: Static, ops: Operands, xb, dlogits, acc):
-    """dx_block = dlogits @ w and the block's dw, db contributions added to `acc`.
+def _block_grads(st: Static, ops: Operands, block, cotangent=None):
+    """The logit gradient of one block, formed a sub-block at a time: of Σ_n l_n for
+    `token_sum` (cotangent None; the rows come back too), else of Σ_n g_n l_n with the
+    block's (B,) cotangents g.
 
-    The matmuls are fed in the inputs' dtype and accumulate in float32; dx leaves in
-    x's dtype. With a split vocabulary each shard holds a partial dx: sum it.
+    Returns (rows in block order or None, dlogits (sub_blocks, S, V) in the matmul
+    dtype, x (sub_blocks, S, D) and the bias gradient (V,) float32 or None): dlogits
+    and x keep their rows in sub-block order — the matmuls only need them to agree,
+    and merging the axes would interleave a split of S over devices (an all-gather).
+    """
+    subs = tuple(_split(st, a) for a in block)
+    cts = _split(st, cotangent)
+    mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
+    acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
+
+    def step(carry, j):
+        xs, labels, pmask, lmask = (take_block(a, j) for a in subs)
+        logits = project(xs, ops.w, ops.bias)
+
+        def rows_of(lg):
+            return _rows(st, ops, lg, labels, pmask, lmask)
+
+        def total(lg):
+            rows = rows_of(lg)
+            return jnp.sum(rows.loss), rows
+
+        if cts is None:
+            (_, rows), dlogits = jax.value_and_grad(total, has_aux=True)(logits)
+        else:
+            rows, vjp = None, jax.vjp(lambda lg: rows_of(lg).loss, logits)[1]
+            (dlogits,) = vjp(take_block(cts, j).astype(logits.dtype))
+        db = None if ops.bias is None else jnp.sum(dlogits, axis=0, dtype=acc)
+        return carry, (rows, dlogits.astype(mm), db)
+
+    rows, dlogits, db = lax.scan(step, None, _indices(st.sub_blocks))[1]
+    rows = None if rows is None else jax.tree.map(_in_block_order, rows)
+    x = jnp.swapaxes(subs[0], 0, 1)  # (sub_blocks, S, D): the rows of dlogits
+    db = None if db is None else jnp.sum(db, axis=0)
+    return rows, dlogits, x, db
+
+
+def _logit_grad_to_params(st: Static, ops: Operands, x, dlogits, db_block, acc):
+    """dx = dlogits @ w for the block's rows (..., D in the order of x's, in x's dtype),
+    and the block's dw, db contributions added to `acc`.
+
+    The matmuls are fed in the inputs' dtype and accumulate in float32. With a split
+    vocabulary each shard holds a partial dx: sum it.
     """
     dw, db = acc
-    dl = dlogits.astype(jnp.result_type(ops.x.dtype, ops.w.dtype))
-    dx = jnp.dot(dl, ops.w, preferred_element_type=dw.dtype)
+    dx = jnp.dot(dlogits, ops.w, preferred_element_type=dw.dtype)
     if st.vocab_axis_name is not None:
         dx = lax.psum(dx, st.vocab_axis_name)
-    dw = dw + lax.dot_general(dl, xb, (((0,), (0,)), ((), ())), preferred_element_type=dw.dtype)
-    db = None if db is None else db + jnp.sum(dlogits, axis=0, dtype=db.dtype)
+    rows = tuple(range(x.ndim - 1))  # every axis but the last: the tokens
+    dw = dw + lax.dot_general(dlogits, x, ((rows, rows), ((), ())), preferred_element_type=dw.dtype)
+    db = None if db is None else db + db_block
     return dx.astype(ops.x.dtype), (dw, db)
+
+
+def _block_step(st: Static, ops: Operands, carry, i, cotangent=None):
+    """One block of either backward: its gradients, dx written into its place."""
+    acc, dx = carry
+    rows, dlogits, x, db = _block_grads(st, ops, _block(ops, i), cotangent)
+    dxb, acc = _logit_grad_to_params(st, ops, x, dlogits, db, acc)
+    return (acc, put_block(dx, _in_block_order(dxb), i)), rows
 
 
 def _zero_acc(st: Static, ops: Operands):
@@ -161,19 +246,9 @@ def token_sum(st: Static, ops: Operands) -> tuple[jax.Array, Rows]:
 
 def _token_sum_fwd(st: Static, ops: Operands):
     def step(carry, i):
-        acc, dx = carry
-        xb, labels, pmask, lmask = _block(ops, i)
-        logits = project(xb, ops.w, ops.bias)
+        return _block_step(st, ops, carry, i)
 
-        def block_total(lg):
-            rows = _rows(st, ops, lg, labels, pmask, lmask)
-            return jnp.sum(rows.loss), rows
-
-        (_, rows), dlogits = jax.value_and_grad(block_total, has_aux=True)(logits)
-        dxb, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
-        return (acc, put_block(dx, dxb, i)), rows
-
-    (acc, dx), rows = lax.scan(step, _zero_acc(st, ops), _indices(ops))
+    (acc, dx), rows = lax.scan(step, _zero_acc(st, ops), _indices(ops.x.shape[1]))
     return (jnp.sum(rows.loss), rows), (ops, dx, acc)
 
 
@@ -201,16 +276,11 @@ def _token_rows_fwd(st: Static, ops: Operands):
 
 def _token_rows_bwd(st: Static, ops: Operands, cotangents: Rows):
     def step(carry, block):
-        acc, dx = carry
         i, g = block
-        xb, labels, pmask, lmask = _block(ops, i)
-        logits = project(xb, ops.w, ops.bias)
-        _, vjp = jax.vjp(lambda lg: _rows(st, ops, lg, labels, pmask, lmask).loss, logits)
-        (dlogits,) = vjp(g.astype(logits.dtype))
-        dxb, acc = _logit_grad_to_params(st, ops, xb, dlogits, acc)
-        return (acc, put_block(dx, dxb, i)), None
+        return _block_step(st, ops, carry, i, g)[0], None
 
-    (acc, dx), _ = lax.scan(step, _zero_acc(st, ops), (_indices(ops), cotangents.loss))
+    blocks = (_indices(ops.x.shape[1]), cotangents.loss)
+    (acc, dx), _ = lax.scan(step, _zero_acc(st, ops), blocks)
     return (_param_cotangents(ops, dx, acc),)
 
 

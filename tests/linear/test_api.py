@@ -15,7 +15,14 @@ import jaxent
 from .. import oracles
 
 F32 = jnp.float32
-IMPLS = ["chunked", "lean", None]
+# Each case of the shared suite: (implementation, block_size) — several blocks over the
+# 37 positions or 203 classes of `make`, and for "chunked" also strided sub-blocks.
+CASES = {
+    "chunked": ("chunked", 8),
+    "chunked sub-blocks": ("chunked", (8, 2)),
+    "lean": ("lean", 32),
+    "default": (None, None),
+}
 
 
 def make(seed, lead=(37,), d=16, v=203, dtype=F32):
@@ -66,15 +73,15 @@ def loss_and_grads(impl, x, w, labels, bias, reduction, cotangent, block_size, *
     return jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, bias)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_matches_reference(impl, name, reduction):
+def test_matches_reference(case, name, reduction):
     x, w, labels, bias = make(0)
     opts = resolve(OPTIONS[name], labels, w.shape[0])
     key = jax.random.PRNGKey(1)
     cot = jax.random.normal(key, labels.shape, F32) if reduction == "none" else jnp.float32(1.7)
-    block = None if impl is None else (8 if impl == "chunked" else 32)
+    impl, block = CASES[case]
     got = loss_and_grads(impl, x, w, labels, bias, reduction, cot, block, **opts)
     want = loss_and_grads("xla", x, w, labels, bias, reduction, cot, None, **opts)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -82,10 +89,12 @@ def test_matches_reference(impl, name, reduction):
         assert oracles.rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["chunked", "lean"])
-def test_bfloat16_matches_reference(impl):
+@pytest.mark.parametrize(("impl", "block"), [("chunked", 16), ("chunked", (16, 4)), ("lean", 16)])
+def test_bfloat16_matches_reference(impl, block):
     x, w, labels, bias = make(2, dtype=jnp.bfloat16)
-    got = loss_and_grads(impl, x, w, labels, bias, "mean", jnp.float32(1), 16, label_smoothing=0.1)
+    got = loss_and_grads(
+        impl, x, w, labels, bias, "mean", jnp.float32(1), block, label_smoothing=0.1
+    )
     want = loss_and_grads(
         "xla", x, w, labels, bias, "mean", jnp.float32(1), None, label_smoothing=0.1
     )
@@ -181,6 +190,13 @@ def test_numpy_int_block_size_is_accepted():
         ({"implementation": "cuda"}, ValueError, "`implementation` must be one of"),
         ({"block_size": 0}, ValueError, "`block_size` must be a positive int"),
         ({"block_size": 2.0}, TypeError, "`block_size` must be a positive int"),
+        ({"block_size": (8, 3)}, ValueError, r"the sub-block to divide the block, got \(8, 3\)"),
+        ({"block_size": (8, 0)}, ValueError, "`block_size` must be a positive int"),
+        (
+            {"block_size": (8, 2), "implementation": "lean"},
+            ValueError,
+            "a pair .* only for implementation 'chunked'",
+        ),
         ({"class_weights": jnp.ones(9)}, ValueError, r"the size of the rows of `w`"),
         ({"return_aux": 1}, TypeError, "`return_aux` must be True or False"),
         ({"x": jnp.zeros((5, 4), int)}, TypeError, "`x` must have a floating dtype"),

@@ -8,7 +8,12 @@ import jax.numpy as jnp
 import pytest
 
 import jaxent
-from jaxent.linear.api import default_block_size, default_vocab_block_size, dividing_block
+from jaxent.linear.api import (
+    default_block_size,
+    default_sub_block,
+    default_vocab_block_size,
+    dividing_block,
+)
 
 D, V = 256, 32000
 
@@ -74,3 +79,16 @@ def test_default_block_size():
     assert default_block_size(10_000, 32000, "cpu") * 32000 * 4 <= 16 << 20
     assert default_block_size(3, 32000, "cpu") == 8
     assert default_block_size(100_000, 128256, "gpu") == 2048
+
+
+def test_default_sub_block():
+    """On a GPU with bfloat16 inputs a block of 2048 tokens keeps its float32 logits to
+    512 MiB (S x V x 4 bytes) by forming them a sub-block at a time; with float32
+    inputs the gradient overwrites the logits in place, so the block is not split."""
+    assert default_block_size(8192, 128256, "gpu", itemsize=2) == 2048
+    assert default_block_size(8192, 256000, "gpu", itemsize=2) == 2048
+    assert default_sub_block(2048, 128256, "gpu", itemsize=2) == 1024
+    assert default_sub_block(2048, 256000, "gpu", itemsize=2) == 512
+    assert default_sub_block(2048, 256000, "gpu", itemsize=4) == 2048
+    assert default_sub_block(24, 10**9, "cpu", itemsize=2) == 1  # powers of two dividing 24
+    assert default_sub_block(24, 1000, "cpu", itemsize=2) == 8

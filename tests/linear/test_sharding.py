@@ -5,7 +5,8 @@ are global ids). Every implementation runs inside shard_map and under jax.jit on
 NamedSharding inputs, against the materialised "xla" implementation on one device
 (see tests/sharded.py; loss, every aux field and the gradients of x, w and bias).
 Block sizes leave several blocks per shard and a local vocabulary that is not a
-multiple of the vocabulary block ("lean" pads).
+multiple of the vocabulary block ("lean" pads); "chunked" also splits its blocks into
+strided sub-blocks (None runs it without), which must stay split over the batch axis.
 
 Compiled programs: no all-gather of w or the logits. Inside shard_map (and with
 Explicit mesh axes, which run it) what crosses devices is one all-reduce of dw (and
@@ -25,7 +26,7 @@ from ..sharded import Case, assert_same, in_shard_map, single_device, under_jit
 
 F32 = jnp.float32
 N, D, V = 32, 16, 208  # V: 26 classes per device on 1x8, 52 on 2x4
-BLOCKS = {"chunked": 8, "lean": 16, None: 8, "xla": None}
+BLOCKS = {"chunked": (16, 8), "lean": 16, None: 8, "xla": None}  # chunked: sub-blocks
 HIDDEN, TABLE, POSITIONS, CLASSES = P("batch", None), P("vocab", None), P("batch"), P("vocab")
 FLOATS_PER_POSITION = 16  # per-position statistics per call: max, sums, label logit
 
