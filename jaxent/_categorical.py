@@ -56,7 +56,8 @@ def split_where(where: Any, logits_shape: tuple, positions_shape: tuple, axis: i
     raise ValueError(
         f"`where` must be broadcastable to the labels' shape {tuple(positions_shape)} "
         f"(drops positions) or to the logits' shape {tuple(logits_shape)} (drops logits), "
-        f"got {shape}."
+        f"with the same number of dimensions (size-1 axes broadcast), got {shape}. "
+        "Add the missing axes explicitly, e.g. `where[None]`."
     )
 
 
@@ -83,10 +84,10 @@ def aux_from_rows(rows: Rows, z_loss: jax.Array, batch_axis_name) -> CrossEntrop
 
 def finish(rows: Rows, reduction: str, return_aux: bool, batch_axis_name):
     """Reduce per-position rows into the loss (and aux) the caller asked for."""
-    loss = reduce_loss(rows.loss, rows.weight, reduction, batch_axis_name)
+    loss = reduce_loss(rows.loss, rows.weight, reduction, batch_axis_name, rows.valid)
     if not return_aux:
         return loss
-    z_loss = reduce_loss(rows.z_loss, rows.weight, reduction, batch_axis_name)
+    z_loss = reduce_loss(rows.z_loss, rows.weight, reduction, batch_axis_name, rows.valid)
     return loss, aux_from_rows(rows, z_loss, batch_axis_name)
 
 

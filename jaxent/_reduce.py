@@ -1,8 +1,9 @@
 """Reductions: "none" / "sum" / "mean", valid counts, sums across a batch mesh axis.
 
 "mean" divides the sum of per-position losses by the sum of their weights
-(Σ_n v_n w[y_n], PyTorch's weighted mean). A mean over zero weight is 0 with zero
-gradients, never NaN. With `batch_axis_name`, both sums run over the whole mesh
+(Σ_n v_n w[y_n], PyTorch's weighted mean). A mean over zero valid positions is 0 with
+zero gradients, never NaN; valid positions whose weights sum to 0 divide by 0, as the
+formula (and PyTorch) does. With `batch_axis_name`, the sums run over the whole mesh
 axis, so a sharded batch gives the single-device result.
 """
 
@@ -26,18 +27,35 @@ def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
 
 
+def weighted_mean(total: jax.Array, weight_sum: jax.Array, count: jax.Array) -> jax.Array:
+    """total / weight_sum; 0 with zero gradient when no position is valid (count == 0).
+
+    Only the count decides: a weight sum of 0 over valid positions (labels whose class
+    weight is 0, or out of range, whose weight is unknown) divides by 0 — NaN or inf,
+    never a silently finite number.
+    """
+    return jnp.where(count > 0, total / jnp.where(count > 0, weight_sum, 1), 0)
+
+
 def reduce_loss(
-    per_position: jax.Array, weight: jax.Array, reduction: str, batch_axis_name=None
+    per_position: jax.Array,
+    weight: jax.Array,
+    reduction: str,
+    batch_axis_name=None,
+    valid: jax.Array | None = None,
 ) -> jax.Array:
-    """Reduce per-position values; `weight` is the per-position denominator share."""
+    """Reduce per-position values; `weight` is the per-position denominator share and
+    `valid` (default: weight != 0) says which positions count for an empty mean."""
     if reduction == "none":
         return per_position
     if reduction == "sum":
         return global_sum(per_position, batch_axis_name)
-    # Both sums in one reduction (and one psum across devices): fewer, larger ops. No
+    # The sums in one reduction (and one psum across devices): fewer, larger ops. No
     # reshape: flattening a sharded array would make XLA gather it.
-    both = jnp.stack(
-        [per_position, jnp.broadcast_to(weight, per_position.shape).astype(per_position.dtype)]
-    )
-    total, weight_sum = global_sum(both, batch_axis_name, axis=tuple(range(1, both.ndim)))
-    return safe_divide(total, weight_sum)
+    dtype = per_position.dtype
+    sums = [per_position, jnp.broadcast_to(weight, per_position.shape).astype(dtype)]
+    if valid is not None:
+        sums.append(jnp.broadcast_to(valid, per_position.shape).astype(dtype))
+    sums = jnp.stack(sums)
+    sums = global_sum(sums, batch_axis_name, axis=tuple(range(1, sums.ndim)))
+    return weighted_mean(sums[0], sums[1], sums[-1] if valid is not None else sums[1])

@@ -296,6 +296,17 @@ def _logit_partial_bwd(softcap, smoothing, save_exp, residuals, ct: Partial):
     return grad, None, None, None, None, None
 
 
+def _live(ct) -> jax.Array:
+    """Rows (...,) with a non-zero cotangent on a sum the logits' gradient depends on. A
+    dropped position gets zero cotangents (`_without_dropped`), and its gradient must be
+    exactly 0 even where its logits are NaN or inf (0 * NaN would be NaN): padding rows
+    may hold anything. A NaN cotangent is live, so NaN in a kept row propagates."""
+    fields = ("s", "z_label", "below_max", "wt_sum", "wt_below")
+    return functools.reduce(
+        jnp.logical_or, (getattr(ct, f) != 0 for f in fields if getattr(ct, f, None) is not None)
+    )
+
+
 def partial_grad(
     ct: Partial, logits, labels, offset, m, class_weights, logit_mask, hit, softcap, smoothing, e
 ):
@@ -331,7 +342,7 @@ def partial_grad(
         dz = dz * slope
     if keep is not None:
         dz = jnp.where(keep, dz, 0)
-    return dz.astype(logits.dtype)
+    return jnp.where(_live(ct)[..., None], dz, 0).astype(logits.dtype)
 
 
 _logit_partial.defvjp(_logit_partial_fwd, _logit_partial_bwd)
@@ -378,6 +389,27 @@ def is_off(option) -> bool:
     return isinstance(option, float) and option == 0.0
 
 
+# What the statistics of a dropped position become before the loss is formed: values
+# that keep every intermediate finite (lse 0, nll 0), so the backward multiplies no
+# zero cotangent by an inf or NaN.
+_NEUTRAL = {"s": 1, "label_hits": 1, "w_label": 1, "count": 1}
+
+
+def _without_dropped(p, best, position_mask):
+    """(p, best, lse as seen) with the rows that `position_mask` drops replaced by
+    neutral values: their logits may hold anything (NaN padding rows too), and their
+    gradient must still be exactly 0 (the selects pass them a zero cotangent, no 0 *
+    NaN). `lse as seen` is the log-sum-exp of the original statistics, for aux only."""
+    seen = lax.stop_gradient(lse_from_sum(p.s, safe_shift(best)))
+    if position_mask is None:
+        return p, best, seen
+    neutral = {
+        k: None if v is None else jnp.where(position_mask, v, _NEUTRAL.get(k, 0))
+        for k, v in p._asdict().items()
+    }
+    return p._replace(**neutral), jnp.where(position_mask, best, 0), seen
+
+
 def _row_lse(s, best, position_mask):
     """(m, valid, lse_all, lse) of whole-row sums: the shift, v_n before label checks
     (a row keeping no logit is dropped; NaN rows count as kept, so NaN propagates), the
@@ -422,7 +454,8 @@ def finish_rows(
     if ignore_index is not None:
         keep = labels != ignore_index
         position_mask = keep if position_mask is None else position_mask & keep
-    m, valid, lse_all, lse = _row_lse(p.s, best, position_mask)
+    p, best, lse_seen = _without_dropped(p, best, position_mask)
+    m, valid, _, lse = _row_lse(p.s, best, position_mask)
     w_label = jnp.ones(labels.shape, dtype) if p.w_label is None else p.w_label
 
     nll = jnp.where(p.label_hits > 0, lse - p.z_label, jnp.inf)
@@ -439,7 +472,7 @@ def finish_rows(
     loss = jnp.where(valid, loss, 0)
     loss = jnp.where(valid & ~in_range, jnp.nan, loss)
     correct = None if first is None else jnp.where(lax.stop_gradient(first) == labels, weight, 0)
-    return Rows(loss, lse_all, jnp.where(valid, zl, 0), valid, weight, correct)
+    return Rows(loss, lse_seen, jnp.where(valid, zl, 0), valid, weight, correct)
 
 
 def prepared_max(logits, logit_mask, softcap, offset, with_argmax):
@@ -645,6 +678,7 @@ def soft_grad(
     if slope is not None:
         dz = dz * slope
     dt = w * (ct.wt_sum[..., None] + ct.wt_below[..., None] * (m[..., None] - z))
+    keep = keep & _live(ct)[..., None]
     zero = jnp.zeros((), x.dtype)
     return (
         jnp.where(keep, dz, zero).astype(logits.dtype),
@@ -713,7 +747,8 @@ def soft_rows(
                   softcap=softcap, smoothing=smoothing, with_argmax=with_argmax)  # fmt: skip
     p, best, first, target_first = combine_soft_shards(*local, vocab_axis_name)
     label_smoothing, z_loss = (option_in(v, p.s.dtype) for v in (label_smoothing, z_loss))
-    m, valid, lse_all, lse = _row_lse(p.s, best, position_mask)
+    p, best, lse_seen = _without_dropped(p, best, position_mask)
+    m, valid, _, lse = _row_lse(p.s, best, position_mask)
     mass, below, lost = p.wt_sum, p.wt_below, p.lost > 0
     if smoothing:
         share = label_smoothing / jnp.maximum(p.count, 1)
@@ -731,4 +766,6 @@ def soft_rows(
     if with_argmax:
         same = lax.stop_gradient(first == target_first)
         correct = jnp.where(same, weight, 0)
-    return Rows(jnp.where(valid, loss, 0), lse_all, jnp.where(valid, zl, 0), valid, weight, correct)
+    return Rows(
+        jnp.where(valid, loss, 0), lse_seen, jnp.where(valid, zl, 0), valid, weight, correct
+    )

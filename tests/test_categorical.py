@@ -308,6 +308,61 @@ def test_nan_logits_propagate():
     assert np.isfinite(masked)  # a masked NaN takes no part
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_non_finite_logits_at_dropped_positions_get_exactly_zero_gradient(bad, smoothing):
+    """Padding rows may hold anything (NaN from a fully masked attention row): a dropped
+    position's loss is 0 and its gradient exactly 0, for every way of dropping it and
+    for the Pallas kernel too; NaN in a kept row still propagates."""
+    logits, labels = make(21, (4,), 5)
+    logits = logits.at[1].set(bad).at[3, 2].set(bad)
+    labels = labels.at[1].set(-100)
+    ways = [
+        dict(ignore_index=-100, where=jnp.array([True, True, True, False])),
+        dict(where=jnp.array([True, False, True, False]), softcap=4.0, z_loss=1e-3),
+    ]
+    clean = logits.at[1].set(0.0).at[3].set(0.0)
+    for kw, impl in itertools.product(ways, ["xla", "pallas"]):
+
+        def loss(x, kw=kw, impl=impl):
+            opts = dict(label_smoothing=smoothing, implementation=impl, **kw)
+            return jaxent.cross_entropy(x, labels, **opts)
+
+        with jaxent.pallas.interpret_mode():
+            value, grad = jax.value_and_grad(loss)(logits)
+            want_value, want = jax.value_and_grad(loss)(clean)
+        np.testing.assert_allclose(value, want_value, rtol=1e-6)
+        np.testing.assert_array_equal(grad[jnp.array([1, 3])], 0)
+        np.testing.assert_allclose(grad, want, rtol=1e-6)
+    kept = jax.grad(lambda x: jaxent.cross_entropy(x, labels.at[1].set(0)))(logits)
+    assert bool(jnp.isnan(kept[1]).all() if bad != -jnp.inf else jnp.isfinite(kept[1]).all())
+    targets = jax.nn.softmax(make(22, (4,), 5)[0])
+    mask = jnp.array([True, False, True, False])
+
+    def soft(x, t):
+        return jaxent.soft_cross_entropy(x, t, where=mask, label_smoothing=smoothing)
+
+    grads = jax.grad(soft, argnums=(0, 1))(logits, targets)
+    for g in grads:
+        np.testing.assert_array_equal(g[~mask], 0)
+
+
+def test_mean_with_weights_divides_by_the_weight_sum_of_valid_positions():
+    """Only zero valid positions give the 0 mean: out-of-range labels (weight unknown)
+    stay NaN with class weights too, and valid positions whose label weights are all 0
+    divide by 0 as PyTorch does."""
+    logits, labels = make(23, (3,), 4)
+    weights = jnp.array([0.0, 0.0, 0.0, 1.0], F32)
+    bad = jnp.array([7, -1, -100])
+    assert np.isnan(jaxent.cross_entropy(logits, bad, ignore_index=-100, class_weights=weights))
+    zero = jnp.array([0, 1, 2])
+    assert np.isnan(jaxent.cross_entropy(logits, zero, class_weights=weights))
+    smoothed = jaxent.cross_entropy(logits, zero, class_weights=weights, label_smoothing=0.2)
+    assert smoothed == jnp.inf
+    empty = jaxent.cross_entropy(logits, zero, class_weights=weights, where=jnp.zeros(3, bool))
+    assert empty == 0
+
+
 # --- properties ------------------------------------------------------------------------
 
 shapes = st.tuples(st.integers(1, 5), st.integers(1, 7))
@@ -396,6 +451,7 @@ def test_soft_cross_entropy_gradients_and_minus_inf():
         ({"labels": None}, TypeError, "`labels` must be an integer array, got NoneType"),
         ({"class_weights": jnp.ones(4)}, ValueError, r"`class_weights` must have shape \(5,\)"),
         ({"where": jnp.ones((4, 3), bool)}, ValueError, "`where` must be broadcastable"),
+        ({"where": jnp.ones((5,), bool)}, ValueError, "same number of dimensions"),
         ({"where": jnp.ones(4, int)}, TypeError, "`where` must be a boolean mask"),
         ({"ignore_index": 1.0}, TypeError, "`ignore_index` must be an int"),
         ({"logits": jnp.zeros((4, 5), int)}, TypeError, "`logits` must have a floating dtype"),

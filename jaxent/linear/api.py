@@ -12,7 +12,7 @@ from jax import lax
 
 from .. import _checks
 from .._categorical import aux_from_rows, finish, split_where
-from .._reduce import global_sum, safe_divide
+from .._reduce import global_sum, weighted_mean
 from .._sharding import CLASSES, HIDDEN, POSITIONS, TABLE, WHERE, manual_if_explicit
 from . import chunked, lean
 from .blocks import strided_blocks, unblock
@@ -156,14 +156,19 @@ def _chunked(
         rows = jax.tree.map(to_positions, rows)
         total = total if batch_axis_name is None else lax.psum(total, batch_axis_name)
         loss = total
-        if reduction == "mean":
-            loss = safe_divide(total, lax.stop_gradient(global_sum(rows.weight, batch_axis_name)))
+    rows = jax.tree.map(lax.stop_gradient, rows)  # only the loss carries a gradient
+
+    def mean(total):
+        weight_sum, count = (global_sum(a, batch_axis_name) for a in (rows.weight, rows.valid))
+        return weighted_mean(total, weight_sum, count)
+
+    if reduction == "mean":
+        loss = mean(loss)
     if not return_aux:
         return loss
-    rows = jax.tree.map(lax.stop_gradient, rows)
     z_loss = rows.z_loss if reduction == "none" else global_sum(rows.z_loss, batch_axis_name)
     if reduction == "mean":
-        z_loss = safe_divide(z_loss, global_sum(rows.weight, batch_axis_name))
+        z_loss = mean(z_loss)
     return loss, aux_from_rows(rows, z_loss, batch_axis_name)
 
 

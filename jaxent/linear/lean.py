@@ -206,6 +206,8 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
         lg = project(ops.x, wb, bb)
         _, vjp = jax.vjp(block_loss, lg)
         (dlogits,) = vjp(g.astype(lg.dtype))
+        # Exactly 0 at dropped positions, whatever their logits (0 * NaN is NaN).
+        dlogits = jnp.where(ops.position_mask[:, None], dlogits, 0)
         dl = dlogits.astype(mm)
         dx = dx + jnp.dot(dl, wb, preferred_element_type=acc)
         dwb = lax.dot_general(dl, ops.x, (((0,), (0,)), ((), ())), preferred_element_type=acc)

@@ -128,6 +128,37 @@ def test_aux_matches_reference(impl):
     assert int(aux.num_valid) == int(ref.num_valid) == 36
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dropped_positions_with_non_finite_hidden_states(case):
+    """A NaN hidden state at a dropped position (padding) leaves the loss finite and its
+    dx row exactly 0; dw still meets it through the matmul (0 * NaN), as any matmul
+    would, so only dx is checked. Out-of-range labels with class weights stay NaN."""
+    impl, block = CASES[case]
+    x, w, labels, _ = make(7)
+    x = x.at[2].set(jnp.nan).at[5].set(jnp.inf)
+    labels = labels.at[2].set(-100)
+    where = jnp.ones(labels.shape, bool).at[5].set(False)
+
+    def loss(x):
+        return jaxent.linear_cross_entropy(
+            x, w, labels, ignore_index=-100, where=where, implementation=impl,
+            block_size=block, label_smoothing=0.1,
+        )  # fmt: skip
+
+    value, dx = jax.value_and_grad(loss)(x)
+    clean_value, clean_dx = jax.value_and_grad(loss)(x.at[2].set(0.0).at[5].set(0.0))
+    np.testing.assert_allclose(value, clean_value, rtol=1e-6)
+    np.testing.assert_array_equal(dx[jnp.array([2, 5])], 0)
+    np.testing.assert_allclose(dx, clean_dx, rtol=1e-5, atol=1e-7)
+    bad = labels.at[:].set(-100).at[0].set(w.shape[0] + 3)
+    weights = jnp.ones(w.shape[0], F32)
+    got = jaxent.linear_cross_entropy(
+        x[:1], w, bad[:1], ignore_index=-100, class_weights=weights, implementation=impl,
+        block_size=block,
+    )  # fmt: skip
+    assert jnp.isnan(got)
+
+
 def test_default_falls_back_from_pallas():
     x, w, labels, _ = make(5)
     with pytest.raises(NotImplementedError, match="no Pallas kernel"):
