@@ -26,9 +26,9 @@ IMPLEMENTATIONS = (None, "xla", "chunked", "lean", "pallas")
 # accelerators, where long blocks keep the dw matmul from being bound by its (V, D)
 # float32 accumulator, read and written once per block.
 _BLOCK_BYTES = {
-    "cpu": (8 << 20, 8 << 20),
+    "cpu": (16 << 20, 16 << 20),
     "gpu": (1 << 30, 512 << 20),
-    "tpu": (128 << 20, 128 << 20),
+    "tpu": (256 << 20, 128 << 20),
 }
 
 
