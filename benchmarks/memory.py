@@ -74,14 +74,11 @@ def run(tokens=TOKENS, implementations=IMPLEMENTATIONS) -> list[dict]:
     return rows
 
 
-def _block(block) -> str:
-    return (
-        ""
-        if block is None
-        else "/".join(map(str, block))
-        if isinstance(block, tuple)
-        else str(block)
-    )
+def block_label(block) -> str:
+    """A `block_size` as printed: 2048, or 2048/512 for (tokens per block, per sub-block)."""
+    if block is None:
+        return ""
+    return "/".join(map(str, block)) if isinstance(block, tuple) else str(block)
 
 
 def markdown(rows, device) -> str:
@@ -97,7 +94,7 @@ def markdown(rows, device) -> str:
         first.setdefault(key, r["temp_bytes"])
         lines.append(
             f"| {r['head']} | {r['N']} | {r['dtype']} | {r['implementation']} | "
-            f"{_block(r['block_size'])} | {r['temp_bytes'] / 2**20:.0f} | "
+            f"{block_label(r['block_size'])} | {r['temp_bytes'] / 2**20:.0f} | "
             f"{100 * r['of_f32_logits']:.1f}% | {r['temp_bytes'] / first[key]:.2f}× |"
         )
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import jaxent
 
 from . import linear, plain
+from .memory import block_label
 from .timing import measure
 
 LLAMA3 = (8192, 4096, 128256)
@@ -76,8 +77,7 @@ def blocks(impl: str, sizes, repeats: int, head=LLAMA3) -> list[dict]:
         return jax.value_and_grad(loss, argnums=(0, 1))
 
     fns = {"floor": linear.three_matmuls}
-    fns.update({f"{impl} block={'/'.join(map(str, b)) if isinstance(b, tuple) else b}": step(b)
-                for b in sizes})  # fmt: skip
+    fns.update({f"{impl} block={block_label(b)}": step(b) for b in sizes})
     args = {k: (x, w, g) if k == "floor" else (x, w, y) for k in fns}
     results = _drop_executables(measure(fns, args, repeats))
     floor = results.pop("floor")["seconds"]

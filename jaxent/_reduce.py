@@ -37,6 +37,15 @@ def weighted_mean(total: jax.Array, weight_sum: jax.Array, count: jax.Array) -> 
     return jnp.where(count > 0, total / jnp.where(count > 0, weight_sum, 1), 0)
 
 
+def stacked_sums(arrays, batch_axis_name=None) -> jax.Array:
+    """(len(arrays),) sums of equally shaped arrays, in the first one's dtype, in one
+    reduction (and one psum across devices): fewer, larger ops. No reshape: flattening
+    a sharded array would make XLA gather it."""
+    like = arrays[0]
+    both = jnp.stack([jnp.broadcast_to(a, like.shape).astype(like.dtype) for a in arrays])
+    return global_sum(both, batch_axis_name, axis=tuple(range(1, both.ndim)))
+
+
 def reduce_loss(
     per_position: jax.Array,
     weight: jax.Array,
@@ -50,12 +59,6 @@ def reduce_loss(
         return per_position
     if reduction == "sum":
         return global_sum(per_position, batch_axis_name)
-    # The sums in one reduction (and one psum across devices): fewer, larger ops. No
-    # reshape: flattening a sharded array would make XLA gather it.
-    dtype = per_position.dtype
-    sums = [per_position, jnp.broadcast_to(weight, per_position.shape).astype(dtype)]
-    if valid is not None:
-        sums.append(jnp.broadcast_to(valid, per_position.shape).astype(dtype))
-    sums = jnp.stack(sums)
-    sums = global_sum(sums, batch_axis_name, axis=tuple(range(1, sums.ndim)))
-    return weighted_mean(sums[0], sums[1], sums[-1] if valid is not None else sums[1])
+    extra = [] if valid is None else [valid]
+    sums = stacked_sums([per_position, weight, *extra], batch_axis_name)
+    return weighted_mean(sums[0], sums[1], sums[-1])  # the count: valid, else the weight

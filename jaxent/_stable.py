@@ -411,16 +411,15 @@ def _without_dropped(p, best, position_mask):
 
 
 def _row_lse(s, best, position_mask):
-    """(m, valid, lse_all, lse) of whole-row sums: the shift, v_n before label checks
-    (a row keeping no logit is dropped; NaN rows count as kept, so NaN propagates), the
-    log-sum-exp, and the log-sum-exp zeroed where invalid (keeps the inf/NaN of dropped
-    rows out of gradients)."""
+    """(m, valid, lse) of whole-row sums: the shift, v_n before label checks (a row
+    keeping no logit is dropped; NaN rows count as kept, so NaN propagates), and the
+    log-sum-exp zeroed where invalid (keeps the inf/NaN of dropped rows out of
+    gradients)."""
     m = safe_shift(best)
     valid = ~jnp.isneginf(best)
     if position_mask is not None:
         valid = valid & position_mask
-    lse_all = lse_from_sum(s, m)
-    return m, valid, lse_all, jnp.where(valid, lse_all, 0)
+    return m, valid, jnp.where(valid, lse_from_sum(s, m), 0)
 
 
 def _smoothing_in_range(loss, label_smoothing):
@@ -455,7 +454,7 @@ def finish_rows(
         keep = labels != ignore_index
         position_mask = keep if position_mask is None else position_mask & keep
     p, best, lse_seen = _without_dropped(p, best, position_mask)
-    m, valid, _, lse = _row_lse(p.s, best, position_mask)
+    m, valid, lse = _row_lse(p.s, best, position_mask)
     w_label = jnp.ones(labels.shape, dtype) if p.w_label is None else p.w_label
 
     nll = jnp.where(p.label_hits > 0, lse - p.z_label, jnp.inf)
@@ -748,7 +747,7 @@ def soft_rows(
     p, best, first, target_first = combine_soft_shards(*local, vocab_axis_name)
     label_smoothing, z_loss = (option_in(v, p.s.dtype) for v in (label_smoothing, z_loss))
     p, best, lse_seen = _without_dropped(p, best, position_mask)
-    m, valid, _, lse = _row_lse(p.s, best, position_mask)
+    m, valid, lse = _row_lse(p.s, best, position_mask)
     mass, below, lost = p.wt_sum, p.wt_below, p.lost > 0
     if smoothing:
         share = label_smoothing / jnp.maximum(p.count, 1)

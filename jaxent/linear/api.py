@@ -12,7 +12,7 @@ from jax import lax
 
 from .. import _checks
 from .._categorical import aux_from_rows, finish, split_where
-from .._reduce import global_sum, weighted_mean
+from .._reduce import global_sum, stacked_sums, weighted_mean
 from .._sharding import CLASSES, HIDDEN, POSITIONS, TABLE, WHERE, manual_if_explicit
 from . import chunked, lean
 from .blocks import strided_blocks, unblock
@@ -159,8 +159,7 @@ def _chunked(
     rows = jax.tree.map(lax.stop_gradient, rows)  # only the loss carries a gradient
 
     def mean(total):
-        weight_sum, count = (global_sum(a, batch_axis_name) for a in (rows.weight, rows.valid))
-        return weighted_mean(total, weight_sum, count)
+        return weighted_mean(total, *stacked_sums([rows.weight, rows.valid], batch_axis_name))
 
     if reduction == "mean":
         loss = mean(loss)

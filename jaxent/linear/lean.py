@@ -38,6 +38,7 @@ from .._stable import (
     combine_shards,
     finish_rows,
     is_off,
+    logit_partial,
     num_classes_global,
     online_add,
     prepare_logits,
@@ -103,14 +104,20 @@ def _num_blocks(ops: Operands) -> int:
     return ops.w.shape[1]
 
 
-def _prepare(st: Static, ops: Operands, logits, offset, mb, lmb):
-    """Prepared (N, Bv) logits of one block (padding and masked classes at -inf) and
+def _mask_and_offset(st: Static, ops: Operands, logits, offset, mb, lmb):
+    """The (N, Bv) logit mask of one block (False on padding and masked classes) and
     the global id of its first class."""
     mask = jnp.broadcast_to(mb, logits.shape)
     if lmb is not None:
         mask = mask & lmb
-    z = prepare_logits(logits, mask, st.softcap)
-    return z, offset + class_offset(ops.w.shape[0] * ops.w.shape[1], st.vocab_axis_name)
+    return mask, offset + class_offset(ops.w.shape[0] * ops.w.shape[1], st.vocab_axis_name)
+
+
+def _prepare(st: Static, ops: Operands, logits, offset, mb, lmb):
+    """Prepared (N, Bv) logits of one block (padding and masked classes at -inf) and
+    the global id of its first class."""
+    mask, offset = _mask_and_offset(st, ops, logits, offset, mb, lmb)
+    return prepare_logits(logits, mask, st.softcap), offset
 
 
 def _smoothing(st: Static, ops: Operands) -> bool:
@@ -197,17 +204,16 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
         offset, wb, bb, cwb, mb, lmb = _block(ops, i)
 
         def block_loss(lg):
-            # Value: the saved whole-row sums; derivative: that of this block's sums.
-            z, off = _prepare(st, ops, lg, offset, mb, lmb)
-            part = block_partial(z, ops.labels, off, m, cwb, _smoothing(st, ops))
+            # Value: the saved whole-row sums; derivative: that of this block's sums,
+            # through the one-pass backward that `cross_entropy` uses.
+            mask, off = _mask_and_offset(st, ops, lg, offset, mb, lmb)
+            part = logit_partial(lg, ops.labels, off, m, cwb, mask, st.softcap, _smoothing(st, ops))
             moved = jax.tree.map(lambda t, p: t + (p - lax.stop_gradient(p)), total, part)
             return _finish(st, ops, moved, best, first).loss
 
         lg = project(ops.x, wb, bb)
         _, vjp = jax.vjp(block_loss, lg)
         (dlogits,) = vjp(g.astype(lg.dtype))
-        # Exactly 0 at dropped positions, whatever their logits (0 * NaN is NaN).
-        dlogits = jnp.where(ops.position_mask[:, None], dlogits, 0)
         dl = dlogits.astype(mm)
         dx = dx + jnp.dot(dl, wb, preferred_element_type=acc)
         dwb = lax.dot_general(dl, ops.x, (((0,), (0,)), ((), ())), preferred_element_type=acc)
