@@ -246,7 +246,9 @@ def cross_entropy(
     instead).
 
     Differentiate with reverse mode (`jax.grad`, `jax.vjp`): the backward is a
-    hand-written one-pass `custom_vjp`, so `jax.jvp` / `jax.hessian` are not supported.
+    hand-written one-pass `custom_vjp`. Second derivatives work (`jax.hessian`,
+    `jax.jvp` of `jax.grad`); forward mode on the loss itself (`jax.jvp(loss)`,
+    `jax.jacfwd(loss)`) does not, as for any `custom_vjp`.
 
     Example:
       >>> loss = jaxent.cross_entropy(logits, labels, ignore_index=-100,

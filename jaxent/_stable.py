@@ -485,8 +485,9 @@ def prepared_max(logits, logit_mask, softcap, offset, with_argmax):
 
 
 def logit_stats(
-    logits, labels, offset, class_weights, logit_mask, *, softcap, smoothing, with_argmax
-):
+    logits, labels, offset, class_weights, logit_mask, *, softcap, smoothing, with_argmax,
+    one_pass_backward=True,
+):  # fmt: skip
     """This shard's row statistics in two reads of the logits (XLA): the row max, then
     the sums at that shift. The Pallas kernel (`jaxent.pallas.row_stats`) has this
     signature and these results, in one read.
@@ -495,11 +496,21 @@ def logit_stats(
     the global id of column 0, class_weights (C,) or None, logit_mask (..., C) or None.
     Returns (`Partial` taken with shift safe_shift(best), best (...,) the row max of
     the prepared logits, first (...,) the global id of its first occurrence or None).
+
+    `one_pass_backward=False` leaves the sums to plain autodiff instead of
+    `logit_partial`'s `custom_vjp`: for a forward pass inside a `custom_vjp`'s own
+    forward rule, never differentiated in reverse mode but in forward mode when second
+    derivatives are taken, which a `custom_vjp` does not allow.
     """
     best, first, _ = prepared_max(logits, logit_mask, softcap, offset, with_argmax)
-    partial = logit_partial(
-        logits, labels, offset, safe_shift(best), class_weights, logit_mask, softcap, smoothing
-    )
+    m = safe_shift(best)
+    if one_pass_backward:
+        partial = logit_partial(
+            logits, labels, offset, m, class_weights, logit_mask, softcap, smoothing
+        )
+    else:
+        z = prepare_logits(logits, logit_mask, softcap)
+        partial = block_partial(z, labels, offset, lax.stop_gradient(m), class_weights, smoothing)
     return partial, best, first
 
 

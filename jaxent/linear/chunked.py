@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._stable import Rows, categorical_rows
+from .._stable import Rows, categorical_rows, logit_stats
 from .blocks import put_block, strided_blocks, take_block
 from .mesh import sum_to_primal_axes, varying_like
 from .reference import project
@@ -75,7 +75,8 @@ def pick(static_value, array_value):
     return static_value if array_value is None else array_value
 
 
-def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask) -> Rows:
+def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask,
+          one_pass_backward=True) -> Rows:  # fmt: skip
     return categorical_rows(
         logits,
         labels,
@@ -88,6 +89,7 @@ def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask) 
         softcap=st.softcap,
         vocab_axis_name=st.vocab_axis_name,
         with_argmax=st.with_argmax,
+        stats=functools.partial(logit_stats, one_pass_backward=one_pass_backward),
     )
 
 
@@ -124,7 +126,10 @@ def _block_rows(st: Static, ops: Operands, block) -> Rows:
 
     def step(carry, j):
         xs, labels, pmask, lmask = (take_block(a, j) for a in subs)
-        return carry, _rows(st, ops, project(xs, ops.w, ops.bias), labels, pmask, lmask)
+        # The forward pass is never differentiated in reverse mode (the custom_vjps
+        # below have their own backward), only in forward mode for second derivatives.
+        logits = project(xs, ops.w, ops.bias)
+        return carry, _rows(st, ops, logits, labels, pmask, lmask, one_pass_backward=False)
 
     rows = lax.scan(step, None, _indices(st.sub_blocks))[1]
     return jax.tree.map(_in_block_order, rows)

@@ -191,11 +191,17 @@ def _vocab_rows_fwd(st: Static, ops: Operands):
 
 def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
     ops, total, best, first = residuals
-    total = lax.stop_gradient(total)
     m = safe_shift(best)
-    # The block losses vary over every mesh axis of the operands (the block's sums are
-    # local to a vocabulary shard); the incoming cotangent may vary over fewer.
-    g = varying_like(cotangents.loss, jax.tree.leaves(ops))
+    # The loss depends on a block's logits only through the whole-row sums, which add
+    # up every block's sums: the cotangents of those sums (O(N), taken once) are the
+    # cotangents of each block's. Plain chain rule, so the backward is differentiable
+    # again (second derivatives) with the saved sums' own derivatives.
+    refs = jax.tree.leaves(ops)
+    loss, finish_vjp = jax.vjp(lambda t: _finish(st, ops, t, best, first).loss, total)
+    (ct_sums,) = finish_vjp(cotangents.loss.astype(loss.dtype))
+    # The block's sums vary over every mesh axis of the operands (they are local to a
+    # vocabulary shard); the whole-row sums' cotangents may vary over fewer.
+    ct_sums = jax.tree.map(lambda c: varying_like(c, refs), ct_sums)
     acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
 
@@ -203,17 +209,14 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
         dx, dw, db = carry
         offset, wb, bb, cwb, mb, lmb = _block(ops, i)
 
-        def block_loss(lg):
-            # Value: the saved whole-row sums; derivative: that of this block's sums,
-            # through the one-pass backward that `cross_entropy` uses.
+        def block_sums(lg):
+            # Through the one-pass backward that `cross_entropy` uses.
             mask, off = _mask_and_offset(st, ops, lg, offset, mb, lmb)
-            part = logit_partial(lg, ops.labels, off, m, cwb, mask, st.softcap, _smoothing(st, ops))
-            moved = jax.tree.map(lambda t, p: t + (p - lax.stop_gradient(p)), total, part)
-            return _finish(st, ops, moved, best, first).loss
+            return logit_partial(lg, ops.labels, off, m, cwb, mask, st.softcap, _smoothing(st, ops))
 
         lg = project(ops.x, wb, bb)
-        _, vjp = jax.vjp(block_loss, lg)
-        (dlogits,) = vjp(g.astype(lg.dtype))
+        _, vjp = jax.vjp(block_sums, lg)
+        (dlogits,) = vjp(ct_sums)
         dl = dlogits.astype(mm)
         dx = dx + jnp.dot(dl, wb, preferred_element_type=acc)
         dwb = lax.dot_general(dl, ops.x, (((0,), (0,)), ((), ())), preferred_element_type=acc)
@@ -224,7 +227,6 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
             db = put_block(db, dbb.astype(ops.bias.dtype), i)
         return (dx, dw, db), None
 
-    refs = jax.tree.leaves(ops) + [g]
     dx0 = varying_like(jnp.zeros(ops.x.shape, acc), refs)
     dw0 = varying_like(jnp.zeros_like(ops.w), [ops.w])
     db0 = None if ops.bias is None else varying_like(jnp.zeros_like(ops.bias), [ops.bias])

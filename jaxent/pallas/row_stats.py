@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -158,6 +159,7 @@ def _like(x, shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(x).manual_axis_type)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _launch(config: Config, x, t, mask, weights) -> Out:
     """The kernel on (N, C) logits; (N, C) targets, (N, C) mask and (C,) float32
     weights, each or None. Sums come back with the label fields of `Partial` None."""
@@ -184,6 +186,36 @@ def _launch(config: Config, x, t, mask, weights) -> Out:
         interpret=config.interpret,
         name="jaxent_row_stats",
     )(x, t, mask, weights)
+
+
+@_launch.defjvp
+def _launch_jvp(config: Config, primals, tangents):
+    """Forward mode, which second derivatives need (`jax.hessian`, grad of grad: the
+    outer derivative runs through the forward rule of the `custom_vjp`s below). The
+    kernel's results come from the kernel; the tangents of its sums from XLA, by
+    differentiating the same `_stable` formulas at the kernel's shift held fixed — the
+    shift is gradient-free, as in the XLA path, because the loss does not depend on it.
+    The max and the argmax get no tangent. No tangent flows from the class weights
+    (they get no gradient either)."""
+    x, t, mask, weights = primals
+    out = _launch(config, *primals)
+    m = safe_shift(out.best)
+
+    def sums(x, t):
+        z = prepare_logits(x, mask, config.softcap)
+        if t is None:
+            return class_sums(z, m, weights, config.smoothing)
+        return soft_sums(z, t.astype(z.dtype), m, weights, config.smoothing)
+
+    d_sums = jax.jvp(sums, (x, t), tuple(tangents[:2]))[1]
+    zero = jax.tree.map(_zero_tangent, out)
+    return out, zero._replace(sums=d_sums)
+
+
+def _zero_tangent(a):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)  # integer outputs: the argmax columns
 
 
 def _rows(config: Config, logits, targets, class_weights, logit_mask, offset) -> Out:

@@ -89,6 +89,44 @@ def test_matches_reference(case, name, reduction):
         assert oracles.rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_second_derivatives_match_reference(case, reduction):
+    """Hessian-vector products in (x, w, bias) jointly, forward over reverse and reverse
+    over reverse: the hand-written backwards must be differentiable again, with the
+    derivatives of what their forward passes saved."""
+    x, w, labels, bias = make(3)
+    opts = dict(
+        OPTIONS["smooth_z_cap"], ignore_index=3, class_weights=jnp.linspace(0.5, 2, 203, dtype=F32)
+    )
+    cot = jax.random.normal(jax.random.PRNGKey(4), labels.shape, F32)
+    primals = (x, w, bias)
+    tangents = tuple(
+        jax.random.normal(jax.random.PRNGKey(5 + i), a.shape, F32) for i, a in enumerate(primals)
+    )
+    impl, block = CASES[case]
+
+    def hvps(impl, block):
+        def f(x, w, bias):
+            loss = jaxent.linear_cross_entropy(
+                x, w, labels, bias=bias, reduction=reduction, implementation=impl,
+                block_size=block, **opts,
+            )  # fmt: skip
+            return jnp.vdot(cot, loss) if reduction == "none" else loss
+
+        grad = jax.grad(f, argnums=(0, 1, 2))
+
+        def grad_dot_tangents(*p):
+            return sum(jnp.vdot(g, t) for g, t in zip(grad(*p), tangents, strict=True))
+
+        forward = jax.jvp(grad, primals, tangents)[1]
+        return forward, jax.grad(grad_dot_tangents, argnums=(0, 1, 2))(*primals)
+
+    got, want = hvps(impl, block), hvps("xla", None)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert oracles.rel_err(a, b) < 1e-5
+
+
 @pytest.mark.parametrize(("impl", "block"), [("chunked", 16), ("chunked", (16, 4)), ("lean", 16)])
 def test_bfloat16_matches_reference(impl, block):
     x, w, labels, bias = make(2, dtype=jnp.bfloat16)

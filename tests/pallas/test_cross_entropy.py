@@ -135,6 +135,27 @@ def test_gradient_matches_oracle_finite_differences():
     assert oracles.rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("where_kind", [None, "logits"])
+def test_second_derivatives_match_xla(where_kind):
+    """Hessian-vector products (forward over reverse, and reverse over reverse) through
+    the kernel: its forward-mode rule takes the sums' tangents from XLA."""
+    x, labels = make(6, (2, 5), 45)
+    v = make(7, (2, 5), 45)[0]
+    opts = options("all", 45)
+    where = where_for(where_kind, x, labels)
+
+    def hvps(run):
+        def f(x):
+            return run(jaxent.cross_entropy, x, labels, where=where, **opts)
+
+        forward = jax.jvp(jax.grad(f), (x,), (v,))[1]
+        reverse = jax.grad(lambda z: jnp.vdot(jax.grad(f)(z), v))(x)
+        return forward, reverse
+
+    for got, want in zip(hvps(pallas), hvps(xla), strict=True):
+        assert oracles.rel_err(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("n,c", [(1, 1), (5, 1), (6, 33)])
 def test_odd_sizes(n, c):
     x, labels = make(3, (n,), c, jnp.float16)

@@ -71,6 +71,27 @@ def test_gradients_of_logits_and_targets_match_xla(dtype):
     assert gx[3, 7] == 0 and gt[3, 7] == 0
 
 
+def test_second_derivatives_match_xla():
+    """A Hessian-vector product in (logits, targets) jointly, forward over reverse and
+    reverse over reverse, through the kernel's forward-mode rule."""
+    x, t = make(5, 10, 45)
+    v = make(6, 10, 45)
+
+    def hvps(implementation):
+        def f(x, t):
+            return run(implementation, jaxent.soft_cross_entropy, x, t, **ALL)
+
+        def grad_dot_v(x, t):
+            return sum(jnp.vdot(g, u) for g, u in zip(jax.grad(f, (0, 1))(x, t), v, strict=True))
+
+        forward = jax.jvp(jax.grad(f, (0, 1)), (x, t), v)[1]
+        return forward, jax.grad(grad_dot_v, (0, 1))(x, t)
+
+    got, want = hvps("pallas"), hvps("xla")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert oracles.rel_err(a, b) < 1e-5
+
+
 def test_edge_rows_and_odd_sizes():
     """Mass on a dropped logit -> +inf; every logit dropped -> dropped position; NaN
     propagates; C = 1."""
