@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _checks
 from ._reduce import reduce_loss
-from ._stable import compute_dtype
+from ._stable import compute_dtype, option_in
 
 
 def softplus(x: jax.Array) -> jax.Array:
@@ -64,7 +64,7 @@ def _binary_cross_entropy(
 ):
     x, t, valid = _inputs(logits, targets, where)
     dtype = x.dtype
-    eps = smoothing_static if smoothing is None else smoothing
+    eps = option_in(smoothing_static if smoothing is None else smoothing, dtype)
     if not (isinstance(eps, float) and eps == 0.0):
         t = jnp.where((eps >= 0) & (eps <= 1), (1 - eps) * t + eps / 2, jnp.nan)
     if pos_weight is None:

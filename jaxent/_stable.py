@@ -256,14 +256,46 @@ def logit_partial(logits, labels, offset, m, class_weights, logit_mask, softcap,
     No gradient flows to `class_weights`.
     """
     args = (logits, labels, offset, lax.stop_gradient(m), class_weights, logit_mask)
+    return _exp_saved_on_cpu(_logit_partial, _logit_sums, softcap, smoothing, args)
+
+
+def _exp_saved_on_cpu(one_pass, sums, softcap, smoothing, args):
+    """`one_pass(softcap, smoothing, save_exp, fields, *args)` (a custom_vjp returning
+    the stacked sums) with save_exp on CPU only, decided at lowering; the sums unstacked
+    to the structure `sums(softcap, smoothing, *args)[0]` has."""
+    fields = structure_of(lambda *a: sums(softcap, smoothing, *a)[0], *args)
 
     def saved_exp(*args):
-        return _logit_partial(softcap, smoothing, True, *args)
+        return one_pass(softcap, smoothing, True, fields, *args)
 
     def recompute(*args):
-        return _logit_partial(softcap, smoothing, False, *args)
+        return one_pass(softcap, smoothing, False, fields, *args)
 
-    return lax.platform_dependent(*args, cpu=saved_exp, default=recompute)
+    return unstacked(fields, lax.platform_dependent(*args, cpu=saved_exp, default=recompute))
+
+
+def structure_of(fn, *args):
+    """The pytree structure of fn(*args), from an abstract evaluation (no computation)."""
+    return jax.tree.structure(jax.eval_shape(fn, *args))
+
+
+def stacked(sums) -> jax.Array:
+    """The per-row sums of a `Partial` / `SoftPartial` stacked into one (k, ...) array.
+
+    The `custom_vjp`s of the sums return them so, because JAX batches a `custom_vjp`'s
+    outputs one by one: under `jax.vmap` over the labels (or targets, or class weights)
+    but not the logits, s depends on unbatched inputs only and comes out unbatched, the
+    label's terms batched. The backward then runs batched with the cotangent of s
+    already summed over the batch, and the logits' gradient, unbatched, sums it over
+    the batch once more: `jax.grad` of such a `vmap` counted the softmax term once per
+    batch element. One stacked output is batched as a whole.
+    """
+    return jnp.stack(jax.tree.leaves(sums))
+
+
+def unstacked(fields, a: jax.Array):
+    """`stacked` undone: the sums with the pytree structure `fields`."""
+    return jax.tree.unflatten(fields, [a[i] for i in range(a.shape[0])])
 
 
 def _prepared_exp(logits, m, logit_mask, softcap):
@@ -271,28 +303,27 @@ def _prepared_exp(logits, m, logit_mask, softcap):
     return z, jnp.exp(z - m[..., None])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _logit_partial(
-    softcap, smoothing, save_exp, logits, labels, offset, m, class_weights, logit_mask
-):
+def _logit_sums(softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask):
+    """(`Partial` of the raw logits, exp(z - m))."""
     z, e = _prepared_exp(logits, m, logit_mask, softcap)
-    return block_partial(z, labels, offset, m, class_weights, smoothing, e)
+    return block_partial(z, labels, offset, m, class_weights, smoothing, e), e
 
 
-def _logit_partial_fwd(
-    softcap, smoothing, save_exp, logits, labels, offset, m, class_weights, logit_mask
-):
-    z, e = _prepared_exp(logits, m, logit_mask, softcap)
-    out = block_partial(z, labels, offset, m, class_weights, smoothing, e)
-    saved = e if save_exp else None
-    return out, (logits, labels, offset, m, class_weights, logit_mask, saved, out.label_hits > 0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _logit_partial(softcap, smoothing, save_exp, fields, *args):
+    return stacked(_logit_sums(softcap, smoothing, *args)[0])
 
 
-def _logit_partial_bwd(softcap, smoothing, save_exp, residuals, ct: Partial):
+def _logit_partial_fwd(softcap, smoothing, save_exp, fields, *args):
+    out, e = _logit_sums(softcap, smoothing, *args)
+    hit = out.label_hits > 0
+    return stacked(out), (*args, e if save_exp else None, hit)
+
+
+def _logit_partial_bwd(softcap, smoothing, save_exp, fields, residuals, ct):
     logits, labels, offset, m, class_weights, logit_mask, e, hit = residuals
-    grad = partial_grad(
-        ct, logits, labels, offset, m, class_weights, logit_mask, hit, softcap, smoothing, e
-    )
+    grad = partial_grad(unstacked(fields, ct), logits, labels, offset, m, class_weights,
+                        logit_mask, hit, softcap, smoothing, e)  # fmt: skip
     return grad, None, None, None, None, None
 
 
@@ -511,6 +542,10 @@ def logit_stats(
     else:
         z = prepare_logits(logits, logit_mask, softcap)
         partial = block_partial(z, labels, offset, lax.stop_gradient(m), class_weights, smoothing)
+        # Batched under `jax.vmap` as `logit_partial`'s are (see `stacked`): a
+        # `custom_vjp` whose forward rule uses one and its primal the other needs both
+        # to batch their outputs alike.
+        partial = unstacked(jax.tree.structure(partial), stacked(partial))
     return partial, best, first
 
 
@@ -626,33 +661,30 @@ def soft_partial(logits, targets, m, class_weights, logit_mask, softcap, smoothi
     the gradients of the logits and of the targets in one elementwise pass (`soft_grad`);
     exp(z - m) is saved on CPU and recomputed elsewhere, as in `logit_partial`."""
     args = (logits, targets, lax.stop_gradient(m), class_weights, logit_mask)
-
-    def saved_exp(*args):
-        return _soft_partial(softcap, smoothing, True, *args)
-
-    def recompute(*args):
-        return _soft_partial(softcap, smoothing, False, *args)
-
-    return lax.platform_dependent(*args, cpu=saved_exp, default=recompute)
+    return _exp_saved_on_cpu(_soft_partial, _soft_sums, softcap, smoothing, args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _soft_partial(softcap, smoothing, save_exp, logits, targets, m, class_weights, logit_mask):
+def _soft_sums(softcap, smoothing, logits, targets, m, class_weights, logit_mask):
+    """(`SoftPartial` of the raw logits, exp(z - m))."""
     z, e = _prepared_exp(logits, m, logit_mask, softcap)
     w = None if class_weights is None else class_weights.astype(z.dtype)
-    return soft_sums(z, targets.astype(z.dtype), m, w, smoothing, e)
+    return soft_sums(z, targets.astype(z.dtype), m, w, smoothing, e), e
 
 
-def _soft_partial_fwd(softcap, smoothing, save_exp, logits, targets, m, class_weights, logit_mask):
-    z, e = _prepared_exp(logits, m, logit_mask, softcap)
-    w = None if class_weights is None else class_weights.astype(z.dtype)
-    out = soft_sums(z, targets.astype(z.dtype), m, w, smoothing, e)
-    return out, (logits, targets, m, class_weights, logit_mask, e if save_exp else None)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _soft_partial(softcap, smoothing, save_exp, fields, *args):
+    return stacked(_soft_sums(softcap, smoothing, *args)[0])
 
 
-def _soft_partial_bwd(softcap, smoothing, save_exp, residuals, ct: SoftPartial):
+def _soft_partial_fwd(softcap, smoothing, save_exp, fields, *args):
+    out, e = _soft_sums(softcap, smoothing, *args)
+    return stacked(out), (*args, e if save_exp else None)
+
+
+def _soft_partial_bwd(softcap, smoothing, save_exp, fields, residuals, ct):
     logits, targets, m, class_weights, logit_mask, e = residuals
-    grads = soft_grad(ct, logits, targets, m, class_weights, logit_mask, softcap, smoothing, e)
+    grads = soft_grad(unstacked(fields, ct), logits, targets, m, class_weights, logit_mask,
+                      softcap, smoothing, e)  # fmt: skip
     return *grads, None, None, None
 
 

@@ -67,6 +67,14 @@ def test_saturated_logits_and_low_precision():
     assert oracles.rel_err(loss, want) < 1e-3
 
 
+def test_float64_schedule_keeps_a_float32_loss():
+    x, t = make(7)
+    loss = jaxent.binary_cross_entropy(x, t, label_smoothing=jnp.float64(0.1))
+    assert loss.dtype == jnp.float32
+    want = jaxent.binary_cross_entropy(x, t, label_smoothing=0.1)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("alpha", [0.25, None, -1.0])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
 @pytest.mark.parametrize("reduction", ["none", "mean"])

@@ -285,6 +285,30 @@ def test_jit_equals_eager_and_vmap_equals_loop():
     np.testing.assert_allclose(batched, looped, rtol=1e-6)
 
 
+@pytest.mark.parametrize("batched", ["labels", "targets", "class_weights"])
+def test_grad_of_vmap_over_everything_but_the_logits_equals_loop(batched):
+    """Shared logits, batched labels / targets / weights: the softmax term of the
+    logits' gradient must be counted once per batch element, not once per element
+    squared (each custom_vjp returns its sums as one array, batched as a whole)."""
+    logits, labels = make(26, (4,), 6)
+    many_labels = jax.random.randint(jax.random.PRNGKey(27), (3, 4), 0, 6)
+    many_targets = jax.nn.softmax(make(28, (3, 4), 6)[0])
+    many_weights = jax.random.uniform(jax.random.PRNGKey(29), (3, 6), F32, 0.5, 2.0)
+
+    def loss(x, b):
+        if batched == "targets":
+            return jaxent.soft_cross_entropy(x, b, label_smoothing=0.1)
+        if batched == "labels":
+            return jaxent.cross_entropy(x, b, label_smoothing=0.1)
+        return jaxent.cross_entropy(x, labels, class_weights=b, label_smoothing=0.1)
+
+    batch = {"labels": many_labels, "targets": many_targets, "class_weights": many_weights}
+    batch = batch[batched]
+    got = jax.grad(lambda x: jnp.sum(jax.vmap(loss, (None, 0))(x, batch)))(logits)
+    want = sum(jax.grad(loss)(logits, b) for b in batch)
+    assert oracles.rel_err(got, want) < 1e-6
+
+
 def test_no_retrace_when_values_change():
     @jax.jit
     @chex.assert_max_traces(n=1)

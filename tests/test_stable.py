@@ -69,9 +69,12 @@ def test_one_pass_backward_matches_autodiff(save_exp, softcap, smoothing, masked
         return _stable.block_partial(z, labels, offset, m, weights, smoothing)
 
     def one_pass(x):
-        return _stable._logit_partial(
-            softcap, smoothing, save_exp, x, labels, offset, m, weights, mask
+        args = (x, labels, offset, m, weights, mask)
+        fields = _stable.structure_of(
+            lambda *a: _stable._logit_sums(softcap, smoothing, *a)[0], *args
         )
+        stacked = _stable._logit_partial(softcap, smoothing, save_exp, fields, *args)
+        return _stable.unstacked(fields, stacked)
 
     want, vjp_want = jax.vjp(autodiff, x)
     got, vjp_got = jax.vjp(one_pass, x)
@@ -169,7 +172,12 @@ def test_soft_one_pass_backward_matches_autodiff(save_exp, softcap, smoothing):
         return _stable.soft_sums(_stable.prepare_logits(x, mask, softcap), t, m, w, smoothing)
 
     def one_pass(x, t):
-        return _stable._soft_partial(softcap, smoothing, save_exp, x, t, m, w, mask)
+        args = (x, t, m, w, mask)
+        fields = _stable.structure_of(
+            lambda *a: _stable._soft_sums(softcap, smoothing, *a)[0], *args
+        )
+        stacked = _stable._soft_partial(softcap, smoothing, save_exp, fields, *args)
+        return _stable.unstacked(fields, stacked)
 
     want, vjp_want = jax.vjp(autodiff, x, t)
     got, vjp_got = jax.vjp(one_pass, x, t)

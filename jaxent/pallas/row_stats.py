@@ -53,6 +53,9 @@ from .._stable import (
     soft_grad,
     soft_stats,
     soft_sums,
+    stacked,
+    structure_of,
+    unstacked,
 )
 
 TILE = 4096  # logits per (rows x classes) tile of one loop step
@@ -246,21 +249,26 @@ def _forward(config: Config, logits, labels, offset, class_weights, logit_mask):
     return out.sums._replace(**labelled), out.best, out.first
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stats(config: Config, logits, labels, offset, class_weights, logit_mask):
-    return _forward(config, logits, labels, offset, class_weights, logit_mask)
+# The custom_vjps return their sums `stacked` (one array), so that `jax.vmap` batches
+# them together: see `_stable.stacked`.
 
 
-def _stats_fwd(config: Config, logits, labels, offset, class_weights, logit_mask):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _stats(config: Config, fields, *args):
+    partial, best, first = _forward(config, *args)
+    return stacked(partial), best, first
+
+
+def _stats_fwd(config: Config, fields, logits, labels, offset, class_weights, logit_mask):
     partial, best, first = _forward(config, logits, labels, offset, class_weights, logit_mask)
     hit = partial.label_hits > 0
     residuals = (logits, labels, offset, safe_shift(best), class_weights, logit_mask, hit)
-    return (partial, best, first), residuals
+    return (stacked(partial), best, first), residuals
 
 
-def _stats_bwd(config: Config, residuals, cotangents):
+def _stats_bwd(config: Config, fields, residuals, cotangents):
     logits, labels, offset, m, class_weights, logit_mask, hit = residuals
-    ct = cotangents[0]  # best and first are gradient-free (the shift, the argmax)
+    ct = unstacked(fields, cotangents[0])  # best, first: gradient-free (shift, argmax)
     grad = partial_grad(ct, logits, labels, offset, m, class_weights, logit_mask, hit,
                         config.softcap, config.smoothing, None)  # fmt: skip
     return grad, None, None, None, None
@@ -275,7 +283,10 @@ def kernel_stats(logits, labels, offset, class_weights, logit_mask, *, softcap, 
     results. `interpret` runs the kernel in the Pallas interpreter (any backend);
     `block_rows` / `block_classes` (powers of two) override `tile_sizes`."""
     config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes)
-    return _stats(config, logits, labels, offset, class_weights, logit_mask)
+    args = (logits, labels, offset, class_weights, logit_mask)
+    fields = structure_of(lambda *a: _forward(config, *a)[0], *args)
+    partial, best, first = _stats(config, fields, *args)
+    return unstacked(fields, partial), best, first
 
 
 # Probability targets.
@@ -286,20 +297,22 @@ def _soft_forward(config: Config, logits, targets, offset, class_weights, logit_
     return out.sums, out.best, out.first, out.target_best, out.target_first
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _soft_stats(config: Config, logits, targets, offset, class_weights, logit_mask):
-    return _soft_forward(config, logits, targets, offset, class_weights, logit_mask)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _soft_stats(config: Config, fields, *args):
+    sums, *rest = _soft_forward(config, *args)
+    return stacked(sums), *rest
 
 
-def _soft_stats_fwd(config: Config, logits, targets, offset, class_weights, logit_mask):
-    out = _soft_forward(config, logits, targets, offset, class_weights, logit_mask)
-    return out, (logits, targets, safe_shift(out[1]), class_weights, logit_mask)
+def _soft_stats_fwd(config: Config, fields, logits, targets, offset, class_weights, logit_mask):
+    sums, *rest = _soft_forward(config, logits, targets, offset, class_weights, logit_mask)
+    residuals = (logits, targets, safe_shift(rest[0]), class_weights, logit_mask)
+    return (stacked(sums), *rest), residuals
 
 
-def _soft_stats_bwd(config: Config, residuals, cotangents):
+def _soft_stats_bwd(config: Config, fields, residuals, cotangents):
     logits, targets, m, class_weights, logit_mask = residuals
-    grads = soft_grad(cotangents[0], logits, targets, m, class_weights, logit_mask,
-                      config.softcap, config.smoothing, None)  # fmt: skip
+    grads = soft_grad(unstacked(fields, cotangents[0]), logits, targets, m, class_weights,
+                      logit_mask, config.softcap, config.smoothing, None)  # fmt: skip
     return *grads, None, None, None
 
 
@@ -312,7 +325,10 @@ def kernel_soft_stats(logits, targets, offset, class_weights, logit_mask, *, sof
     """`_stable.soft_stats` with the forward in one Pallas kernel (reads the logits and
     the targets once); options as in `kernel_stats`."""
     config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes)
-    return _soft_stats(config, logits, targets, offset, class_weights, logit_mask)
+    args = (logits, targets, offset, class_weights, logit_mask)
+    fields = structure_of(lambda *a: _soft_forward(config, *a)[0], *args)
+    sums, *rest = _soft_stats(config, fields, *args)
+    return unstacked(fields, sums), *rest
 
 
 def on_cuda(kernel_fn, xla_fn):

@@ -208,6 +208,28 @@ def test_default_falls_back_from_pallas():
     )
 
 
+@pytest.mark.parametrize("case", sorted(CASES) + ["reference"])
+def test_grad_of_vmap_over_labels_only_equals_loop(case):
+    """Shared x and w, batched labels: each part of the loss is counted once per batch
+    element (the sums of the custom_vjps are batched together)."""
+    x, w, labels, bias = make(6, lead=(9,))
+    many = jax.random.randint(jax.random.PRNGKey(7), (3, 9), 0, w.shape[0])
+    impl, block = CASES.get(case, ("xla", None))
+
+    def loss(x, w, y):
+        return jaxent.linear_cross_entropy(
+            x, w, y, label_smoothing=0.1, implementation=impl, block_size=block
+        )
+
+    def batched(x, w):
+        return jnp.sum(jax.vmap(lambda y: loss(x, w, y))(many))
+
+    got = jax.grad(batched, argnums=(0, 1))(x, w)
+    looped = [jax.grad(loss, argnums=(0, 1))(x, w, y) for y in many]
+    for a, parts in zip(got, zip(*looped, strict=True), strict=True):
+        assert oracles.rel_err(a, sum(parts)) < 1e-5
+
+
 def test_vmap_jit_and_no_retrace():
     x, w, labels, _ = make(6, lead=(3, 8))
 

@@ -215,6 +215,26 @@ def test_vmap_and_jit():
     np.testing.assert_allclose(pallas(f, x, labels), xla(f, x, labels), rtol=1e-6)
 
 
+def test_grad_of_vmap_over_labels_only_equals_loop():
+    """Shared logits, batched labels: the kernel's custom_vjp returns its sums as one
+    array, so the logits-only sum s is batched with the label's terms."""
+    x, _ = make(9, (5,), 21)
+    many = jax.random.randint(jax.random.PRNGKey(10), (3, 5), 0, 21)
+
+    def loss(x, y, implementation):
+        return jaxent.cross_entropy(x, y, label_smoothing=0.1, implementation=implementation)
+
+    def grad_of_vmap(x, implementation):
+        def total(x):
+            return jnp.sum(jax.vmap(lambda y: loss(x, y, implementation))(many))
+
+        return jax.grad(total)(x)
+
+    got = pallas(grad_of_vmap, x)
+    want = sum(jax.grad(loss)(x, y, "xla") for y in many)
+    assert oracles.rel_err(got, want) < 1e-6
+
+
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (CI simulates 8 CPUs)")
 def test_vocab_sharded_equals_single_device():
     """Each shard's kernel gives local statistics; `combine_shards` merges them. (The

@@ -118,3 +118,24 @@ def test_accuracy_compares_first_argmaxes_across_tiles():
     t = t.at[2, 33].set(0.5)  # tied targets: the first (7) counts
     _, aux = run("pallas", jaxent.soft_cross_entropy, x, t, return_aux=True)
     np.testing.assert_allclose(aux.accuracy, 2 / 3, rtol=1e-6)
+
+
+def test_grad_of_vmap_over_targets_only_equals_loop():
+    """Shared logits, batched targets: the sums come out batched together."""
+    x, _ = make(7, 6, 37)
+    many = jnp.stack([make(8 + i, 6, 37)[1] for i in range(3)])
+
+    def grad_of_vmap(implementation):
+        def batched(x):
+            return jax.vmap(lambda t: run(implementation, jaxent.soft_cross_entropy, x, t, **ALL))(
+                many
+            )
+
+        return jax.grad(lambda x: jnp.sum(batched(x)))(x)
+
+    def loss(x, t):
+        return run("xla", jaxent.soft_cross_entropy, x, t, **ALL)
+
+    want = sum(jax.grad(loss)(x, t) for t in many)
+    assert oracles.rel_err(grad_of_vmap("pallas"), want) < 1e-6
+    assert oracles.rel_err(grad_of_vmap("xla"), want) < 1e-6
