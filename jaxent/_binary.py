@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _checks
 from ._reduce import reduce_loss
+from ._sharding import elementwise_layout
 from ._stable import compute_dtype, option_in
 
 
@@ -62,6 +63,9 @@ def _finish(loss, valid, reduction, axes):
 def _binary_cross_entropy(
     logits, targets, where, pos_weight, weights, smoothing, *, reduction, smoothing_static, axes
 ):
+    logits, targets, where, pos_weight, weights = elementwise_layout(
+        (logits, targets, where, pos_weight, weights), logits.shape
+    )
     x, t, valid = _inputs(logits, targets, where)
     dtype = x.dtype
     eps = option_in(smoothing_static if smoothing is None else smoothing, dtype)
@@ -159,6 +163,7 @@ def _log_one_minus_pt(x: jax.Array, t: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("alpha", "gamma", "reduction", "axes"))
 def _focal_loss(logits, targets, where, *, alpha, gamma, reduction, axes):
+    logits, targets, where = elementwise_layout((logits, targets, where), logits.shape)
     x, t, valid = _inputs(logits, targets, where)
     ce = softplus(x) - t * x
     if gamma != 0.0:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from . import _checks
 from ._categorical import masks_class_last, split_where
 from ._reduce import reduce_loss
+from ._sharding import LOGITS, WHERE, manual_if_explicit
 from ._stable import compute_dtype, kept, prepare_logits, stable_exp, vocab_psum
 
 
@@ -25,6 +26,7 @@ from ._stable import compute_dtype, kept, prepare_logits, stable_exp, vocab_psum
         "batch_axis_name",
     ),
 )
+@manual_if_explicit(LOGITS, LOGITS, WHERE)  # explicitly sharded inputs: shard_map
 def _kl_divergence(
     logits,
     target_logits,

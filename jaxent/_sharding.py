@@ -94,27 +94,62 @@ class Layout(NamedTuple):
 
 
 def layout_of(args, roles, axis) -> Layout | None:
-    """The layout read off the types of the LOGITS/HIDDEN anchor and the TABLE; None
-    when neither is explicitly sharded."""
+    """The layout read off the arguments' types; None when none is explicitly sharded.
+
+    The positions' split comes from the anchor (the LOGITS / HIDDEN argument) when its
+    type is sharded, else from the first other argument that shows it (labels, a
+    full-shaped `where`); the classes' split from the TABLE, the anchor, then the
+    class-shaped arguments. Every argument is then resharded to this one layout, so
+    mixed layouts (replicated logits with sharded labels, say) give the single-device
+    result instead of a sharding type error deep inside the loss.
+    """
     anchor = next(i for i, r in enumerate(roles) if r in (LOGITS, HIDDEN))
-    table = next((i for i, r in enumerate(roles) if r == TABLE), None)
-    spec = explicit_spec(args[anchor])
-    table_spec = None if table is None else explicit_spec(args[table])
-    if spec is None and table_spec is None:
+    specs = [None if a is None or r is REPLICATED else explicit_spec(a)
+             for a, r in zip(args, roles, strict=True)]  # fmt: skip
+    sharded = [i for i, spec in enumerate(specs) if spec is not None]
+    if not sharded:
         return None
-    source = args[anchor] if spec is not None else args[table]
-    spec = spec or (None,) * args[anchor].ndim
     shape = args[anchor].shape
     if roles[anchor] == LOGITS:
-        positions, classes = spec[:axis] + spec[axis + 1 :], spec[axis]
         positions_shape, num_classes = shape[:axis] + shape[axis + 1 :], shape[axis]
     else:
-        positions, classes, axis = spec[:-1], None, args[anchor].ndim - 1
-        positions_shape, num_classes = shape[:-1], args[table].shape[0]
-    if table_spec is not None:
-        classes = table_spec[0]
-    mesh = jax.typeof(source).sharding.mesh
-    return Layout(mesh, positions, classes, axis, positions_shape, num_classes)
+        axis = args[anchor].ndim - 1
+        positions_shape, num_classes = shape[:-1], args[roles.index(TABLE)].shape[0]
+    layout = Layout(None, None, None, axis, positions_shape, num_classes)
+
+    def split(i):
+        """(positions entries, class entry) that argument i shows; None where it shows
+        nothing (unsharded, a broadcast `where`, an unrelated role)."""
+        spec, role, a = specs[i], roles[i], args[i]
+        if spec is None or (role in (LOGITS, POSITIONS) and a.shape != layout.shape(role)):
+            return None, None
+        if role == LOGITS:
+            return spec[:axis] + spec[axis + 1 :], spec[axis]
+        if role == HIDDEN:
+            return spec[:-1], None
+        if role == POSITIONS:
+            return spec, None
+        return None, spec[0]  # TABLE, CLASSES
+
+    order = [anchor] + [i for i in sharded if i != anchor]
+    positions = next((p for p in (split(i)[0] for i in order) if p is not None), None)
+    table_first = sorted(order, key=lambda i: roles[i] != TABLE)
+    classes = next((c for c in (split(i)[1] for i in table_first) if c is not None), None)
+    positions = positions or (None,) * len(positions_shape)
+    mesh = jax.typeof(args[sharded[0]]).sharding.mesh
+    classes = _without(classes, set(axis_names(positions)))
+    return layout._replace(mesh=mesh, positions=positions, classes=classes)
+
+
+def _without(entry, taken: set):
+    """A PartitionSpec entry less the mesh axes in `taken`.
+
+    With w's rows split over the axis that also splits x's positions (FSDP / ZeRO-3:
+    the head's weights sharded over the data axis) one mesh axis cannot split both;
+    the positions keep it and w is gathered over it, as FSDP itself does before using
+    a layer. (Taking the axis for both gave silently wrong losses.)"""
+    left = tuple(n for n in axis_names((entry,)) if n not in taken)
+    return None if not left else left[0] if len(left) == 1 else left
 
 
 def manual_if_explicit(*roles):
@@ -143,6 +178,22 @@ def manual_if_explicit(*roles):
         return run
 
     return decorate
+
+
+def elementwise_layout(arrays, shape) -> list:
+    """Arguments of an elementwise loss over `shape`, all with one explicit sharding.
+
+    JAX refuses elementwise operations between differently sharded operands on
+    Explicit axes; when any argument is explicitly sharded, each is broadcast to
+    `shape` and resharded to the first sharded one's layout (a local slice for a
+    replicated argument). Without explicit shardings the arguments pass unchanged.
+    """
+    if all(a is None or explicit_spec(a) is None for a in arrays):
+        return list(arrays)
+    full = [None if a is None else jax.numpy.broadcast_to(a, shape) for a in arrays]
+    ref = next(a for a in full if a is not None and explicit_spec(a) is not None)
+    sharding = jax.typeof(ref).sharding
+    return [None if a is None else jax.reshard(a, sharding) for a in full]
 
 
 def _full(a, shape):

@@ -233,9 +233,36 @@ JIT_RUNS += [("cross_entropy_weighted_masked_logits", (1, 8), False)]
 @pytest.mark.parametrize(("name", "mesh_shape", "explicit"), JIT_RUNS, ids=str)
 def test_jit_on_named_sharding_equals_single_device(name, mesh_shape, explicit):
     """Auto axes: XLA partitions the loss. Explicit axes (`jax.make_mesh`'s default):
-    JAX needs every sharding resolved; cross_entropy and soft_cross_entropy then run
-    themselves under shard_map, the others partition as they are."""
+    JAX needs every sharding resolved; the softmax losses and kl_divergence then run
+    themselves under shard_map, the elementwise ones partition as they are."""
     case, want = oracle(name)
     got, found = under_jit(case, mesh_shape, explicit, want)
     assert_same(got, want)
     assert_o_of_n(found, vocab_shards=None if explicit else mesh_shape[1])
+
+
+def with_specs(case: Case, **specs) -> Case:
+    """The case with some arrays laid out differently (same values)."""
+    arrays = {k: (v, specs.get(k, spec)) for k, (v, spec) in case.arrays.items()}
+    return case._replace(arrays=arrays)
+
+
+# Arguments laid out unlike the logits: replicated logits with sharded labels (the
+# positions' split then comes from the labels), replicated masks, weights, teachers.
+MIXED_LAYOUTS = {
+    "cross_entropy_weighted_masked_logits": dict(logits=P(), class_weights=P(), where=P()),
+    "binary_cross_entropy_all_options": dict(where=P(), pos_weight=P(), targets=P()),
+    "focal_loss_masked": dict(where=P()),
+    "kl_divergence_temperature_masked": dict(target_logits=P(), where=P()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED_LAYOUTS))
+def test_explicit_axes_with_mixed_layouts_equal_single_device(name):
+    """Explicit axes refuse operations between differently sharded operands; the losses
+    reshard their arguments to one layout and give the single-device result. (What
+    crosses devices is not bounded here: a replicated argument's gradient is itself
+    replicated, gathered from the shards.)"""
+    case, want = oracle(name)
+    got, _ = under_jit(with_specs(case, **MIXED_LAYOUTS[name]), (2, 4), True, want)
+    assert_same(got, want)

@@ -14,7 +14,7 @@ from .. import _checks
 from .._categorical import aux_from_rows, finish, split_where
 from .._reduce import global_sum, stacked_sums, weighted_mean
 from .._sharding import CLASSES, HIDDEN, POSITIONS, TABLE, WHERE, manual_if_explicit
-from . import chunked, lean
+from . import chunked, lean, mesh
 from .blocks import strided_blocks, unblock
 from .reference import linear_cross_entropy_xla
 
@@ -298,6 +298,8 @@ def _linear_cross_entropy(
         return_aux=return_aux,
         batch_axis_name=batch_axis_name,
     )
+    if implementation != "xla" and vocab_axis_name is not None:
+        mesh.check_split_over(w, vocab_axis_name)
     if implementation in ("chunked", "lean"):
         kwargs["block_size"] = block_size
     if implementation is not None:

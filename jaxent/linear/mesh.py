@@ -21,8 +21,35 @@ def varying_like(zeros: jax.Array, refs, summed_over=None) -> jax.Array:
     enter them, except an axis `summed_over` by a psum before the update): `lax.scan`
     needs equal carry types under `shard_map`."""
     missing = frozenset().union(*map(varying_axes, refs)) - varying_axes(zeros)
-    missing -= {summed_over}
+    missing -= axis_names(summed_over)
     return lax.pcast(zeros, tuple(sorted(missing)), to="varying") if missing else zeros
+
+
+def axis_names(name) -> frozenset:
+    """The mesh axes named by an `axis_name` argument: None, one name or a tuple of
+    names (a dimension split over several mesh axes)."""
+    if name is None:
+        return frozenset()
+    return frozenset(name) if isinstance(name, tuple) else frozenset({name})
+
+
+def check_split_over(w: jax.Array, vocab_axis_name) -> None:
+    """Raise unless `w` varies over the mesh axes `vocab_axis_name` names.
+
+    The hand-written backwards read which axes a value varies over from its type, and
+    `shard_map(..., check_vma=False)` (and `pmap`) leave that empty: they would sum
+    the gradient of x over the vocabulary axis twice. A `w` that holds this shard's
+    rows, as `vocab_axis_name` says, varies over the axis whenever it is tracked.
+    """
+    missing = axis_names(vocab_axis_name) - varying_axes(w)
+    if missing:
+        raise ValueError(
+            f"`vocab_axis_name={vocab_axis_name!r}`: `w` should hold this shard's rows, "
+            f"but its type does not vary over the mesh axes {sorted(missing)}. Inside "
+            "`jax.shard_map(..., check_vma=False)` or `jax.pmap` these implementations "
+            "cannot track which axes the gradients vary over; use `check_vma=True` "
+            "(the default) or implementation='xla'."
+        )
 
 
 def sum_to_primal_axes(ct: jax.Array, primal: jax.Array) -> jax.Array:

@@ -14,15 +14,19 @@ dbias) over the batch axis, one of dx over the vocabulary axis, and per-position
 statistics.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxent
 from benchmarks import hlo
 
-from ..sharded import Case, assert_same, in_shard_map, single_device, under_jit
+from .. import oracles
+from ..sharded import Case, assert_same, in_shard_map, mesh, single_device, under_jit
 
 F32 = jnp.float32
 N, D, V = 32, 16, 208  # V: 26 classes per device on 1x8, 52 on 2x4
@@ -141,3 +145,105 @@ def test_jit_on_named_sharding_equals_single_device(name, impl, mesh_shape, expl
     assert_nothing_gathered(found, mesh_shape[1])
     if explicit:
         assert_one_sum_per_step(found, mesh_shape, len(case.reductions))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "lean"])
+def test_vocabulary_split_over_both_mesh_axes(impl):
+    """`vocab_axis_name` may be a tuple (w's rows split over the whole 2x4 mesh): the
+    gradient of x is summed over both axes once (it was counted 8 times), inside
+    shard_map and under jit on Explicit axes (which passes the tuple itself)."""
+    k = _keys(2, 3)
+    x = jax.random.normal(k[0], (N, D), F32)
+    w = jax.random.normal(k[1], (V, D), F32) * 0.5
+    labels = jax.random.randint(k[2], (N,), 0, V)
+    both = ("batch", "vocab")
+    options = dict(implementation=impl, block_size=BLOCKS[impl])
+
+    def grads(loss):
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w, labels)
+
+    want = grads(lambda x, w, y: jaxent.linear_cross_entropy(x, w, y, implementation="xla"))
+    inside = jax.shard_map(
+        lambda x, w, y: jaxent.linear_cross_entropy(x, w, y, vocab_axis_name=both, **options),
+        mesh=mesh((2, 4)),
+        in_specs=(P(), P(both, None), P()),
+        out_specs=P(),
+    )
+    assert_same(grads(inside), want)
+
+    m = mesh((2, 4), explicit=True)
+    put = [jax.device_put(a, NamedSharding(m, s)) for a, s in ((x, P()), (w, P(both, None)))]
+    got = jax.jit(jax.value_and_grad(
+        lambda x, w: jaxent.linear_cross_entropy(x, w, labels, **options), argnums=(0, 1)
+    ))(*put)  # fmt: skip
+    assert_same(got, want)
+
+
+FSDP_LAYOUTS = {
+    "w over the batch axis": ((8, 1), P("batch", None)),
+    "w over both axes": ((2, 4), P(("batch", "vocab"), None)),
+}
+
+
+@pytest.mark.parametrize("layout", FSDP_LAYOUTS)
+@pytest.mark.parametrize("impl", ["xla", None, "lean"])
+def test_jit_with_w_split_over_the_positions_axis(layout, impl):
+    """FSDP / ZeRO-3 layout on Explicit axes: w's rows split over the mesh axis that also
+    splits the positions. That axis stays with the positions and w is gathered over it
+    (one axis cannot split both; taking it for both gave silently wrong losses)."""
+    mesh_shape, w_spec = FSDP_LAYOUTS[layout]
+    k = _keys(3, 3)
+    x = jax.random.normal(k[0], (N, D), F32)
+    w = jax.random.normal(k[1], (V, D), F32) * 0.5
+    labels = jax.random.randint(k[2], (N,), 0, V)
+
+    def value_and_grads(x, w, y, implementation):
+        loss = functools.partial(jaxent.linear_cross_entropy, implementation=implementation)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w, y)
+
+    want = value_and_grads(x, w, labels, "xla")
+    m = mesh(mesh_shape, explicit=True)
+    put = [
+        jax.device_put(a, NamedSharding(m, s))
+        for a, s in ((x, HIDDEN), (w, w_spec), (labels, POSITIONS))
+    ]
+    assert_same(value_and_grads(*put, impl), want)
+
+
+@pytest.mark.parametrize("impl", [None, "chunked", "lean"])
+def test_untracked_vocabulary_split_raises(impl):
+    """With `check_vma=False` the types do not say w varies over "vocab", and the
+    hand-written backwards would sum dx over it twice (8x too large): a clear error
+    instead. "xla" (autodiff) serves that setting and stays right."""
+    k = _keys(4, 3)
+    x = jax.random.normal(k[0], (N, D), F32)
+    w = jax.random.normal(k[1], (V, D), F32) * 0.5
+    labels = jax.random.randint(k[2], (N,), 0, V)
+
+    def untracked(implementation):
+        return jax.shard_map(
+            lambda x, w: jaxent.linear_cross_entropy(
+                x, w, labels, implementation=implementation, vocab_axis_name="vocab"
+            ),
+            mesh=mesh((1, 8)),
+            in_specs=(P(), TABLE),
+            out_specs=P(),
+            check_vma=False,
+        )
+
+    with pytest.raises(ValueError, match=r"vocab_axis_name='vocab'.*check_vma"):
+        jax.grad(untracked(impl))(x, w)
+    want = jax.grad(lambda x: jaxent.linear_cross_entropy(x, w, labels, implementation="xla"))(x)
+    got = jax.jit(jax.grad(untracked("xla")))(x, w)
+    assert oracles.rel_err(got, want) < 1e-5
+
+
+def test_explicit_axes_with_replicated_x_and_w_equal_single_device():
+    """Replicated x and w with labels split over "batch" on Explicit axes: the positions'
+    split comes from the labels and the loss reshards x to it (JAX refused the mixed
+    layouts inside the loss with a sharding type error)."""
+    case = weights_masked_logits(None)
+    specs = dict(x=P(), w=P(), bias=P(), class_weights=P(), where=P())
+    arrays = {k: (v, specs.get(k, s)) for k, (v, s) in case.arrays.items()}
+    got, _ = under_jit(case._replace(arrays=arrays), (2, 4), True, oracle(A))
+    assert_same(got, oracle(A))
