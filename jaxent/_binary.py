@@ -48,7 +48,9 @@ def _inputs(logits, targets, where):
     """Float32/64 logits and targets, with dropped elements zeroed so that a NaN or inf
     under a False `where` cannot reach the gradient, and the validity mask."""
     dtype = compute_dtype(logits.dtype)
-    valid = jnp.ones(logits.shape, bool) if where is None else jnp.broadcast_to(where, logits.shape)
+    # ones_like keeps the logits' sharding: on Explicit mesh axes a plain `ones` is
+    # replicated and JAX refuses to combine it with sharded logits.
+    valid = jnp.ones_like(logits, bool) if where is None else jnp.broadcast_to(where, logits.shape)
     x = jnp.where(valid, logits.astype(dtype), 0)
     t = jnp.where(valid, targets.astype(dtype), 0)
     return x, t, valid
@@ -140,10 +142,7 @@ def binary_cross_entropy(
         smoothing,
         reduction=_checks.check_reduction(reduction),
         smoothing_static=smoothing_static,
-        axes=_mesh_axes(
-            _checks.check_axis_name("vocab_axis_name", vocab_axis_name),
-            _checks.check_axis_name("batch_axis_name", batch_axis_name),
-        ),
+        axes=_mesh_axes(**_checks.check_axis_names(vocab_axis_name, batch_axis_name)),
     )
 
 
@@ -225,8 +224,5 @@ def focal_loss(
         alpha=alpha,
         gamma=float(gamma),
         reduction=_checks.check_reduction(reduction),
-        axes=_mesh_axes(
-            _checks.check_axis_name("vocab_axis_name", vocab_axis_name),
-            _checks.check_axis_name("batch_axis_name", batch_axis_name),
-        ),
+        axes=_mesh_axes(**_checks.check_axis_names(vocab_axis_name, batch_axis_name)),
     )

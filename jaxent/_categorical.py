@@ -29,7 +29,8 @@ class CrossEntropyAux(NamedTuple):
     z_loss: the z-loss part of the loss, reduced like the loss;
     accuracy: Σ_n v_n w[y_n] [argmax_c z[n,c] == y_n] / Σ_n v_n w[y_n] (0 if empty;
         for `soft_cross_entropy`, agreement of argmax z with argmax of the targets);
-    num_valid: Σ_n v_n (int32); weight_sum: Σ_n v_n w[y_n] — the "mean" denominator,
+    num_valid: Σ_n v_n (float32, as every aux value; float64 for float64 logits);
+    weight_sum: Σ_n v_n w[y_n] — the "mean" denominator,
         what gradient accumulation over micro-batches needs with `reduction="sum"`.
     """
 
@@ -77,7 +78,7 @@ def aux_from_rows(rows: Rows, z_loss: jax.Array, batch_axis_name) -> CrossEntrop
         lse=rows.lse,
         z_loss=z_loss,
         accuracy=safe_divide(global_sum(rows.correct, batch_axis_name), weight_sum),
-        num_valid=global_sum(rows.valid.astype(jnp.int32), batch_axis_name),
+        num_valid=global_sum(rows.valid.astype(weight_sum.dtype), batch_axis_name),
         weight_sum=weight_sum,
     )
 
@@ -168,6 +169,7 @@ def check_common(
     """Validation shared by the categorical losses; returns normalised options."""
     logits = _checks.check_floating("logits", logits)
     axis = _checks.check_axis(axis, logits.ndim)
+    _checks.check_num_classes("logits", logits.shape[axis], f"shape {logits.shape}, axis {axis}")
     positions = logits.shape[:axis] + logits.shape[axis + 1 :]
     where_kind = split_where(where, logits.shape, positions, axis)
     return dict(
@@ -183,8 +185,7 @@ def check_common(
         z_loss=_checks.check_scalar_option("z_loss", z_loss, low=0.0),
         softcap=_checks.check_positive_or_none("softcap", softcap),
         reduction=_checks.check_reduction(reduction),
-        vocab_axis_name=_checks.check_axis_name("vocab_axis_name", vocab_axis_name),
-        batch_axis_name=_checks.check_axis_name("batch_axis_name", batch_axis_name),
+        **_checks.check_axis_names(vocab_axis_name, batch_axis_name),
         implementation=_checks.check_implementation(implementation, IMPLEMENTATIONS),
     )
 

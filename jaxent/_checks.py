@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -43,10 +44,14 @@ def check_integer(name: str, x: Any) -> jax.Array:
 
     Narrow and unsigned ids are widened first: compared in int8 or uint8, a Python
     `ignore_index` or class count would wrap (-100 becomes 156 in uint8) and class ids
-    above 127 would overflow.
+    above 127 would overflow. Unsigned ids too large for the signed type are clipped to
+    its maximum rather than wrapped (uint32 4294967196 would become -100, an
+    `ignore_index`): still outside [0, C), so their loss is NaN.
     """
     if not hasattr(x, "dtype") and not isinstance(x, (list, tuple, int, np.integer)):
         raise TypeError(f"`{name}` must be an integer array, got {type(x).__name__}.")
+    if not isinstance(x, jax.Array):
+        x = _host_ids(np.asarray(x))
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(
@@ -54,7 +59,27 @@ def check_integer(name: str, x: Any) -> jax.Array:
             "For probability targets use `soft_cross_entropy`."
         )
     wide = jnp.dtype(jnp.int64 if x.dtype.itemsize == 8 else jnp.int32)
-    return x if x.dtype == wide else x.astype(wide)
+    if x.dtype == wide:
+        return x
+    if jnp.issubdtype(x.dtype, jnp.unsignedinteger) and x.dtype.itemsize >= wide.itemsize:
+        x = jnp.minimum(x, np.iinfo(wide).max)
+    return x.astype(wide)
+
+
+def _host_ids(x: np.ndarray) -> np.ndarray:
+    """64-bit host ids without 64-bit JAX (the default): `jnp.asarray` would wrap them to
+    int32 (2**32 + 1 becomes class 1). Clipped to the int32 range instead, they stay
+    outside [0, C). (Inside `jit` JAX converts them at the boundary, before jaxent.)"""
+    if x.dtype.kind not in "iu" or x.dtype.itemsize < 8 or jax.config.jax_enable_x64:
+        return x
+    info = np.iinfo(np.int32)
+    return np.clip(x, info.min, info.max).astype(np.int32)  # uint64: no negatives to clip
+
+
+def check_num_classes(name: str, num_classes: int, where: str) -> None:
+    """At least one class: an empty class axis has no log-sum-exp."""
+    if num_classes < 1:
+        raise ValueError(f"`{name}` must have at least one class ({where}), got 0.")
 
 
 def check_axis(axis: Any, ndim: int, name: str = "logits") -> int:
@@ -194,7 +219,8 @@ def check_class_weights(
 
 
 def check_axis_name(name: str, value: Any) -> Any:
-    """Mesh axis names are hashable (a str or a tuple of str); None means unsharded."""
+    """A mesh axis name (a str, or a tuple of str for a dimension split over several
+    axes), bound where the loss is called; None means unsharded."""
     if value is None:
         return None
     try:
@@ -203,7 +229,34 @@ def check_axis_name(name: str, value: Any) -> Any:
         raise TypeError(
             f"`{name}` must be a mesh axis name (str) or None, got {value!r}."
         ) from None
+    for axis in value if isinstance(value, tuple) else (value,):
+        try:
+            lax.axis_size(axis)
+        except NameError:
+            raise ValueError(
+                f"`{name}={value!r}`: mesh axis {axis!r} is not bound here. Axis names "
+                "are for calls inside `jax.shard_map` (or `jax.pmap`) over that axis; "
+                "under `jax.jit` with sharded inputs, pass none."
+            ) from None
     return value
+
+
+def check_axis_names(vocab_axis_name: Any, batch_axis_name: Any) -> dict:
+    """Both axis-name arguments, checked; they may not share a mesh axis (one axis
+    cannot split the classes and the positions at once)."""
+    vocab = check_axis_name("vocab_axis_name", vocab_axis_name)
+    batch = check_axis_name("batch_axis_name", batch_axis_name)
+
+    def names(v):
+        return set() if v is None else set(v) if isinstance(v, tuple) else {v}
+
+    if names(vocab) & names(batch):
+        raise ValueError(
+            f"`vocab_axis_name={vocab!r}` and `batch_axis_name={batch!r}` share the mesh "
+            f"axes {sorted(names(vocab) & names(batch))}; the classes and the positions "
+            "must be split over different axes."
+        )
+    return dict(vocab_axis_name=vocab, batch_axis_name=batch)
 
 
 def check_implementation(implementation: Any, choices: tuple) -> str | None:

@@ -44,6 +44,7 @@ def validate(
       Under `jit`/tracing it adds a `checkify.check` with the same message instead;
       run the function through `checkify.checkify(...)` and call `err.throw()`.
     """
+    given = labels
     labels = _checks.check_integer("labels", labels)
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise TypeError(f"`num_classes` must be an int, got {type(num_classes).__name__}.")
@@ -71,7 +72,7 @@ def validate(
         )
         return labels
 
-    host_labels = np.asarray(labels)
+    host_labels = np.asarray(given)  # the caller's dtype: uint ids reported unclipped
     bad = _bad_labels(
         host_labels, num_classes, ignore_index, None if where is None else np.asarray(where)
     )

@@ -15,6 +15,7 @@ collectives of its compiled program (`benchmarks.hlo`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -122,7 +123,10 @@ def under_jit(case: Case, mesh_shape, explicit: bool, want):
     arrays = {k: jax.device_put(v, NamedSharding(m, s)) for k, (v, s) in case.arrays.items()}
     cot = _cotangent(want)
     cot = jax.device_put(cot, NamedSharding(m, case.per_position if cot.ndim else P()))
-    return _compile(_value_and_grad(_all_reductions(case), case.wrt, cot), arrays)
+    # Explicit axes run under `jax.set_mesh`, as users of them do: arrays the loss
+    # creates itself (masks, zeros) are then typed as replicated over the mesh.
+    with jax.set_mesh(m) if explicit else contextlib.nullcontext():
+        return _compile(_value_and_grad(_all_reductions(case), case.wrt, cot), arrays)
 
 
 def assert_same(got, want, tol=1e-5):

@@ -1,8 +1,13 @@
 """jaxent._checks: trace-time validation helpers."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
+import jaxent
 from jaxent import _checks
 
 
@@ -32,3 +37,84 @@ def test_axis_is_normalised_and_checked():
         _checks.check_axis(2, 2)
     with pytest.raises(TypeError, match="`axis` must be an int"):
         _checks.check_axis(1.0, 2)
+
+
+LOSS_CALLS = {
+    "cross_entropy": lambda **kw: jaxent.cross_entropy(jnp.zeros((4, 8)), jnp.zeros(4, int), **kw),
+    "soft_cross_entropy": lambda **kw: jaxent.soft_cross_entropy(
+        jnp.zeros((4, 8)), jnp.full((4, 8), 0.125), **kw
+    ),
+    "binary_cross_entropy": lambda **kw: jaxent.binary_cross_entropy(
+        jnp.zeros((4, 8)), jnp.zeros((4, 8)), **kw
+    ),
+    "focal_loss": lambda **kw: jaxent.focal_loss(jnp.zeros((4, 8)), jnp.zeros((4, 8)), **kw),
+    "kl_divergence": lambda **kw: jaxent.kl_divergence(jnp.zeros((4, 8)), jnp.zeros((4, 8)), **kw),
+    "linear_cross_entropy": lambda **kw: jaxent.linear_cross_entropy(
+        jnp.zeros((4, 3)), jnp.zeros((8, 3)), jnp.zeros(4, int), **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(LOSS_CALLS))
+def test_axis_names_are_checked(loss):
+    """An unbound axis name (outside shard_map, or a typo) and one axis named for both
+    the classes and the positions raise ValueErrors naming the arguments."""
+    call = LOSS_CALLS[loss]
+    with pytest.raises(ValueError, match=r"`vocab_axis_name='vocab'`: mesh axis 'vocab' is not"):
+        call(vocab_axis_name="vocab")
+    with pytest.raises(ValueError, match=r"`batch_axis_name=\('b', 'x'\)`: mesh axis 'b' is not"):
+        call(batch_axis_name=("b", "x"))
+    with pytest.raises(TypeError, match=r"`batch_axis_name` must be a mesh axis name"):
+        call(batch_axis_name=["b"])
+
+    mesh = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(AxisType.Auto,) * 2)
+    shared = jax.shard_map(
+        lambda: call(vocab_axis_name="vocab", batch_axis_name=("batch", "vocab")),
+        mesh=mesh,
+        in_specs=(),
+        out_specs=P(),
+    )
+    with pytest.raises(ValueError, match=r"share the mesh axes \['vocab'\]"):
+        shared()
+
+
+ZERO_CLASSES = {
+    "cross_entropy": lambda: jaxent.cross_entropy(jnp.zeros((4, 0)), jnp.zeros(4, int)),
+    "soft_cross_entropy": lambda: jaxent.soft_cross_entropy(jnp.zeros((4, 0)), jnp.zeros((4, 0))),
+    "kl_divergence": lambda: jaxent.kl_divergence(jnp.zeros((0, 4)), jnp.zeros((0, 4)), axis=0),
+    "linear_cross_entropy": lambda: jaxent.linear_cross_entropy(
+        jnp.zeros((4, 3)), jnp.zeros((0, 3)), jnp.zeros(4, int)
+    ),
+}
+
+
+@pytest.mark.parametrize("loss", sorted(ZERO_CLASSES))
+def test_an_empty_class_axis_is_refused(loss):
+    with pytest.raises(ValueError, match=r"must have at least one class \(.*\), got 0"):
+        ZERO_CLASSES[loss]()
+
+
+def test_unsigned_labels_too_large_for_int32_are_clipped_not_wrapped():
+    """uint32 4294967196 would wrap to -100 (an ignore_index) or 2**32 + 1 to 1 (a
+    class): clipped to the int32 maximum they stay out of range."""
+    labels = np.array([0, 4294967196, 4294967295], np.uint32)
+    widened = _checks.check_integer("labels", labels)
+    assert widened.dtype == jnp.int32
+    np.testing.assert_array_equal(widened, [0, 2**31 - 1, 2**31 - 1])
+    loss = jaxent.cross_entropy(jnp.zeros((3, 4)), labels, ignore_index=-100, reduction="none")
+    assert loss[0] == pytest.approx(np.log(4)) and np.isnan(loss[1]) and np.isnan(loss[2])
+    with pytest.raises(ValueError, match="4294967196"):
+        jaxent.validate(labels, 4, ignore_index=-100)
+
+
+def test_64_bit_host_labels_without_x64_are_clipped_not_wrapped():
+    """Without 64-bit JAX (its default; the suite enables it) `jnp.asarray` would wrap an
+    int64 id 2**32 + 1 to class 1: a silently finite loss."""
+    labels = np.array([1, 2**32 + 1, -(2**40), 3], np.int64)
+    with jax.enable_x64(False):
+        widened = _checks.check_integer("labels", labels)
+        loss = jaxent.cross_entropy(jnp.zeros((4, 5)), labels, reduction="none")
+    assert widened.dtype == jnp.int32
+    np.testing.assert_array_equal(widened, [1, 2**31 - 1, -(2**31), 3])
+    loss = np.asarray(loss)
+    assert np.isfinite(loss[[0, 3]]).all() and np.isnan(loss[[1, 2]]).all()

@@ -87,3 +87,26 @@ def test_errors():
         jaxent.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 3)), temperature=0.0)
     with pytest.raises(ValueError, match="`target_logits` must have shape"):
         jaxent.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("padding", [np.nan, np.inf])
+def test_dropped_positions_have_zero_gradient_whatever_they_hold(padding):
+    """Padding rows dropped by a positions `where` may hold NaN or inf: their loss is 0
+    and both gradients exactly 0 there (masking only the result gave 0 * NaN), and the
+    kept rows' gradients are those of the kept rows alone."""
+    k = jax.random.split(jax.random.PRNGKey(11), 2)
+    s = jax.random.normal(k[0], (4, 6), F32)
+    t = jax.random.normal(k[1], (4, 6), F32)
+    keep = jnp.array([True, False, True, False])
+    s_pad, t_pad = s.at[1].set(padding).at[3, 2].set(padding), t.at[1].set(padding)
+
+    def total(a, b, where=keep):
+        return jaxent.kl_divergence(a, b, where=where, temperature=2.0, reduction="sum")
+
+    loss, grads = jax.value_and_grad(total, argnums=(0, 1))(s_pad, t_pad)
+    rows = jnp.array([0, 2])
+    want, want_grads = jax.value_and_grad(total, argnums=(0, 1))(s[rows], t[rows], None)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    for g, gw in zip(grads, want_grads, strict=True):
+        np.testing.assert_array_equal(g[~keep], 0)
+        np.testing.assert_allclose(g[rows], gw, rtol=1e-6, atol=1e-7)

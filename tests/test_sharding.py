@@ -266,3 +266,14 @@ def test_explicit_axes_with_mixed_layouts_equal_single_device(name):
     case, want = oracle(name)
     got, _ = under_jit(with_specs(case, **MIXED_LAYOUTS[name]), (2, 4), True, want)
     assert_same(got, want)
+
+
+@pytest.mark.parametrize("name", ["binary_cross_entropy_all_options", "focal_loss_masked"])
+def test_explicit_axes_without_where(name):
+    """Without `where` the elementwise losses build their own validity mask; it must
+    carry the logits' sharding (a replicated one is refused on Explicit axes)."""
+    case = CASES[name]()
+    arrays = {k: v for k, v in case.arrays.items() if k != "where"}
+    case = case._replace(arrays=arrays)
+    got, _ = under_jit(case, (2, 4), True, single_device(case))
+    assert_same(got, single_device(case))

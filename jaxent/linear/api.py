@@ -119,6 +119,7 @@ def _chunked(
     batch_axis_name,
     block_size,
 ):
+    mesh.check_split_over(w, options["vocab_axis_name"], "chunked")
     lead = x.shape[:-1]
     n, vocab = math.prod(lead), w.shape[0]
     block, sub = block_size if isinstance(block_size, tuple) else (block_size, None)
@@ -185,6 +186,7 @@ def _lean(
     batch_axis_name,
     block_size,
 ):
+    mesh.check_split_over(w, options["vocab_axis_name"], "lean")
     n, vocab = math.prod(x.shape[:-1]), w.shape[0]
     block = dividing_block(vocab, block_size) if block_size else default_vocab_block_size(n, vocab)
     num_blocks = -(-vocab // block)
@@ -234,7 +236,7 @@ _IMPLS = {
     "lean": _lean,
     "pallas": _pallas,
 }
-_ORDER = ("pallas", "chunked")  # what None tries, best first
+_ORDER = ("pallas", "chunked", "xla")  # what None tries, best first
 
 _STATIC = (
     "implementation",
@@ -298,8 +300,6 @@ def _linear_cross_entropy(
         return_aux=return_aux,
         batch_axis_name=batch_axis_name,
     )
-    if implementation != "xla" and vocab_axis_name is not None:
-        mesh.check_split_over(w, vocab_axis_name)
     if implementation in ("chunked", "lean"):
         kwargs["block_size"] = block_size
     if implementation is not None:
@@ -308,10 +308,12 @@ def _linear_cross_entropy(
         try:
             if name == "chunked":
                 kwargs["block_size"] = block_size
+            if name == "xla":
+                kwargs.pop("block_size")
             return _IMPLS[name](x, w, labels, **kwargs)
         except NotImplementedError:
             continue
-    raise AssertionError("unreachable: 'chunked' serves every call")
+    raise AssertionError("unreachable: 'xla' serves every call")
 
 
 def linear_cross_entropy(
@@ -320,6 +322,7 @@ def linear_cross_entropy(
     labels: jax.Array,
     *,
     bias: jax.Array | None = None,
+    axis: int = -1,
     where: jax.Array | None = None,
     ignore_index: int | None = None,
     class_weights: jax.Array | None = None,
@@ -347,13 +350,17 @@ def linear_cross_entropy(
         (free under jit).
       labels: integer class ids, `x.shape[:-1]`.
       bias: (V,) or None.
+      axis: the class axis of the logits x @ w.T + bias, which is the last one: only
+        -1 (or its positive equivalent) is accepted; it is here so that calls written
+        with `cross_entropy`'s options carry over.
       where: bool, `x.shape[:-1]` (drops positions) or `x.shape[:-1] + (V,)` (drops
         logits).
       ignore_index, class_weights, label_smoothing, z_loss, softcap, reduction,
       return_aux, vocab_axis_name, batch_axis_name: as in `cross_entropy`. With
         `vocab_axis_name`, `w`, `bias` and `class_weights` hold this shard's rows.
-      implementation: None (best available: "pallas", then "chunked"), "xla" (the
-        materialised reference), "chunked" (pure JAX, token blocks, `custom_vjp`),
+      implementation: None (best available: "pallas", then "chunked", then "xla" where
+        neither serves, e.g. under `pmap`), "xla" (the materialised reference),
+        "chunked" (pure JAX, token blocks, `custom_vjp`),
         "lean" (pure JAX, vocabulary blocks: the least memory, one extra matmul),
         "pallas" (not available yet: raises NotImplementedError).
       block_size: for "chunked", tokens per block (default `default_block_size`), or a
@@ -386,7 +393,13 @@ def linear_cross_entropy(
             "A Flax Dense kernel of shape (D, V) is passed as `kernel.T`."
         )
     vocab = w.shape[0]
+    _checks.check_num_classes("w", vocab, f"rows of shape {w.shape}")
     positions = x.shape[:-1]
+    if _checks.check_axis(axis, len(positions) + 1, "the logits x @ w.T") != len(positions):
+        raise ValueError(
+            f"`axis` must be -1 for linear_cross_entropy (the classes are the last axis "
+            f"of x @ w.T), got {axis}."
+        )
     labels = _checks.check_integer("labels", labels)
     _checks.check_shape("labels", labels, positions, "It must be `x.shape[:-1]`.")
     if bias is not None:
@@ -416,6 +429,5 @@ def linear_cross_entropy(
         ignore_index=_checks.check_ignore_index(ignore_index),
         ls_static=ls_static,
         zl_static=zl_static,
-        vocab_axis_name=_checks.check_axis_name("vocab_axis_name", vocab_axis_name),
-        batch_axis_name=_checks.check_axis_name("batch_axis_name", batch_axis_name),
+        **_checks.check_axis_names(vocab_axis_name, batch_axis_name),
     )

@@ -33,22 +33,23 @@ def axis_names(name) -> frozenset:
     return frozenset(name) if isinstance(name, tuple) else frozenset({name})
 
 
-def check_split_over(w: jax.Array, vocab_axis_name) -> None:
-    """Raise unless `w` varies over the mesh axes `vocab_axis_name` names.
+def check_split_over(w: jax.Array, vocab_axis_name, implementation: str) -> None:
+    """Raise NotImplementedError unless `w` varies over the mesh axes `vocab_axis_name`
+    names (so None falls back to "xla", which autodiff keeps right).
 
     The hand-written backwards read which axes a value varies over from its type, and
-    `shard_map(..., check_vma=False)` (and `pmap`) leave that empty: they would sum
-    the gradient of x over the vocabulary axis twice. A `w` that holds this shard's
-    rows, as `vocab_axis_name` says, varies over the axis whenever it is tracked.
+    `shard_map(..., check_vma=False)` and `pmap` leave that empty: they would sum the
+    gradient of x over the vocabulary axis twice. A `w` that holds this shard's rows,
+    as `vocab_axis_name` says, varies over the axis whenever it is tracked.
     """
     missing = axis_names(vocab_axis_name) - varying_axes(w)
     if missing:
-        raise ValueError(
-            f"`vocab_axis_name={vocab_axis_name!r}`: `w` should hold this shard's rows, "
-            f"but its type does not vary over the mesh axes {sorted(missing)}. Inside "
-            "`jax.shard_map(..., check_vma=False)` or `jax.pmap` these implementations "
-            "cannot track which axes the gradients vary over; use `check_vma=True` "
-            "(the default) or implementation='xla'."
+        raise NotImplementedError(
+            f"implementation={implementation!r} with `vocab_axis_name={vocab_axis_name!r}` "
+            f"needs the mesh axes {sorted(missing)} tracked in `w`'s type; inside "
+            "`jax.pmap` or `jax.shard_map(..., check_vma=False)` they are not, and the "
+            "gradient of x would be summed twice. implementation=None falls back to "
+            "'xla' there; or use shard_map's default check_vma=True."
         )
 
 

@@ -292,6 +292,9 @@ def test_numpy_int_block_size_is_accepted():
         ({"return_aux": 1}, TypeError, "`return_aux` must be True or False"),
         ({"x": jnp.zeros((5, 4), int)}, TypeError, "`x` must have a floating dtype"),
         ({"where": jnp.ones((5, 9), bool)}, ValueError, "`where` must be broadcastable"),
+        ({"axis": 0}, ValueError, r"`axis` must be -1 for linear_cross_entropy .* got 0"),
+        ({"axis": 2}, ValueError, r"`axis` must be in \[-2, 2\)"),
+        ({"axis": 1.0}, TypeError, "`axis` must be an int"),
     ],
 )
 def test_errors_name_the_argument(kwargs, error, match):
@@ -299,3 +302,15 @@ def test_errors_name_the_argument(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         jaxent.linear_cross_entropy(args.pop("x"), args.pop("w"), args.pop("labels"), **args)
+
+
+def test_axis_minus_one_is_the_class_axis():
+    """`axis` is accepted so that `cross_entropy` options carry over; the classes are the
+    last axis of x @ w.T, -1 or its positive equivalent."""
+    k = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = jax.random.normal(k[0], (2, 3, 4), F32)
+    w = jax.random.normal(k[1], (7, 4), F32)
+    labels = jax.random.randint(k[2], (2, 3), 0, 7)
+    want = jaxent.linear_cross_entropy(x, w, labels)
+    for axis in (-1, 2):
+        assert jaxent.linear_cross_entropy(x, w, labels, axis=axis) == want
