@@ -43,6 +43,8 @@ def validate(
       ValueError (concrete arrays): naming the first bad position and its value.
       Under `jit`/tracing it adds a `checkify.check` with the same message instead;
       run the function through `checkify.checkify(...)` and call `err.throw()`.
+      Under `jax.vmap` the message comes from one failing mapped slice (checkify's
+      choice, not necessarily the first) and its position is within that slice.
     """
     given = labels
     labels = _checks.check_integer("labels", labels)
