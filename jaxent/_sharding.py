@@ -164,20 +164,34 @@ def manual_if_explicit(*roles):
     def decorate(core):
         @functools.wraps(core)
         def run(*args, **static):
-            names = (static.get("vocab_axis_name"), static.get("batch_axis_name"))
-            if names != (None, None):  # the caller's own shard_map
-                return core(*args, **static)
             where = {"logits": LOGITS, "positions": POSITIONS}.get(static.get("where_kind"))
             arg_roles = [where if r == WHERE else r for r in roles]
             arg_roles += [REPLICATED] * (len(args) - len(arg_roles))
             layout = layout_of(args, arg_roles, static.get("axis"))
-            if layout is None:
+            if layout is None:  # no explicit axes (inside a shard_map: none left)
                 return core(*args, **static)
+            names = {k: static.get(k) for k in ("vocab_axis_name", "batch_axis_name")}
+            if any(v is not None for v in names.values()):
+                _refuse_partly_manual(names, layout)
             return _shard_mapped(core, args, arg_roles, layout, static)
 
         return run
 
     return decorate
+
+
+def _refuse_partly_manual(names: dict, layout: Layout):
+    """Axis names given, yet inputs still split over Explicit axes: the caller's
+    shard_map is manual over some axes only. A nested shard_map over the rest runs the
+    forward, but JAX (0.10) fails to lower its gradient, so say what works instead."""
+    left = sorted(set(axis_names((*layout.positions, layout.classes))))
+    raise ValueError(
+        f"Called with {', '.join(f'{k}={v!r}' for k, v in names.items() if v is not None)} "
+        f"inside a shard_map that leaves the inputs split over the Explicit mesh axes "
+        f"{left}. Make the shard_map manual over those axes too (its `axis_names`) and "
+        "pass them as `vocab_axis_name` / `batch_axis_name`, or call the loss outside "
+        "the shard_map."
+    )
 
 
 def elementwise_layout(arrays, shape) -> list:

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 import jaxent
 from benchmarks import hlo
 
-from .sharded import MESHES, Case, assert_same, in_shard_map, single_device, under_jit
+from .sharded import MESHES, Case, assert_same, in_shard_map, mesh, single_device, under_jit
 
 F32 = jnp.float32
 N, C = 16, 2048
@@ -277,3 +277,20 @@ def test_explicit_axes_without_where(name):
     case = case._replace(arrays=arrays)
     got, _ = under_jit(case, (2, 4), True, single_device(case))
     assert_same(got, single_device(case))
+
+
+def test_shard_map_manual_over_some_axes_only_says_what_works():
+    """Inside a shard_map manual over "batch" only, logits still split over the Explicit
+    "vocab" axis: a ValueError that says how to call it (was an opaque sharding error)."""
+    m = mesh((2, 4), explicit=True)
+    logits = jax.device_put(jnp.zeros((N, C), F32), jax.NamedSharding(m, LOGITS))
+    labels = jax.device_put(jnp.zeros((N,), jnp.int32), jax.NamedSharding(m, POSITIONS))
+    partly = jax.shard_map(
+        lambda z, y: jaxent.cross_entropy(z, y, batch_axis_name="batch"),
+        mesh=m,
+        in_specs=(POSITIONS, POSITIONS),
+        out_specs=P(),
+        axis_names={"batch"},
+    )
+    with pytest.raises(ValueError, match=r"Explicit mesh axes \['vocab'\]\. Make the shard_map"):
+        jax.jit(partly)(logits, labels)
