@@ -453,17 +453,36 @@ def _row_lse(s, best, position_mask):
     return m, valid, jnp.where(valid, lse_from_sum(s, m), 0)
 
 
+def poisoned(bad, value, loss):
+    """`loss` where not `bad`, else NaN — and a NaN gradient into `value` (something
+    the logits' gradient flows through, e.g. lse) there.
+
+    A plain `where(bad, nan, loss)` has a zero gradient at `bad`: the loss would be NaN
+    but the gradients finite, and a training step's guard on non-finite gradients
+    (`optax.apply_if_finite`, loss scaling) would let the update through. The added
+    term is 0 (exactly, even for an infinite `value`) where not `bad`, and its
+    gradient there is 0 · cotangent; plain arithmetic, so forward mode (jvp, Hessians)
+    works too. The NaN gradient does not depend on the cotangent: a bad position
+    discarded after reduction="none" (`jnp.where(keep, loss, 0)`) still gets one —
+    drop positions with `where` or `ignore_index` instead.
+    """
+    nan_where_bad = jnp.where(bad, jnp.nan, 0)
+    v = jnp.where(bad, value, 0)
+    return jnp.where(bad, jnp.nan, loss) + (v - lax.stop_gradient(v)) * nan_where_bad
+
+
 def _smoothing_in_range(loss, label_smoothing):
     """A scheduled (array) ε outside [0, 1] cannot be caught at trace time: NaN, not a
     wrong loss."""
-    return jnp.where((label_smoothing >= 0) & (label_smoothing <= 1), loss, jnp.nan)
+    return poisoned((label_smoothing < 0) | (label_smoothing > 1), loss, loss)
 
 
 def _z_loss_term(z_loss, weight, lse, like):
     """z_loss · weight · lse² (NaN for a scheduled negative coefficient); zeros when off."""
     if is_off(z_loss):
         return jnp.zeros_like(like)
-    return jnp.where(z_loss >= 0, z_loss * weight * lse**2, jnp.nan)
+    term = z_loss * weight * lse**2
+    return poisoned(z_loss < 0, lse, term)
 
 
 def finish_rows(
@@ -500,7 +519,7 @@ def finish_rows(
     weight = jnp.where(valid, w_label, 0)
     in_range = (labels >= 0) & (labels < num_classes)
     loss = jnp.where(valid, loss, 0)
-    loss = jnp.where(valid & ~in_range, jnp.nan, loss)
+    loss = poisoned(valid & ~in_range, lse, loss)
     correct = None if first is None else jnp.where(lax.stop_gradient(first) == labels, weight, 0)
     return Rows(loss, lse_seen, jnp.where(valid, zl, 0), valid, weight, correct)
 

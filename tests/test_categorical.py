@@ -575,3 +575,24 @@ def test_float64_schedule_keeps_a_float32_loss():
 def test_soft_targets_shape_error():
     with pytest.raises(ValueError, match=r"`targets` must have shape \(4, 5\), got \(4, 4\)"):
         jaxent.soft_cross_entropy(jnp.zeros((4, 5)), jnp.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("impl", ["xla", None])
+def test_bad_values_make_the_gradient_nan_too(impl):
+    """A NaN loss from a bad label or a scheduled option out of range comes with NaN
+    gradients, so a step's guard on non-finite gradients (optax.apply_if_finite, loss
+    scaling) skips it; a bad label's NaN stays in its row."""
+    logits, labels = make(14, (4,), 5)
+    labels = labels.at[1].set(7)
+
+    def grad(fn, **opts):
+        return np.asarray(jax.grad(lambda z: fn(z, implementation=impl, **opts))(logits))
+
+    g = grad(lambda z, **o: jaxent.cross_entropy(z, labels, **o))
+    assert np.isnan(g[1]).all() and np.isfinite(g[[0, 2, 3]]).all()
+    good = labels.at[1].set(0)
+    targets = jax.nn.softmax(logits * 0.5)
+    for bad in (dict(label_smoothing=jnp.float32(1.5)), dict(z_loss=jnp.float32(-1.0))):
+        assert np.isnan(grad(lambda z, **o: jaxent.cross_entropy(z, good, **o), **bad)).all()
+        soft = grad(lambda z, **o: jaxent.soft_cross_entropy(z, targets, **o), **bad)
+        assert np.isnan(soft).all()

@@ -314,3 +314,21 @@ def test_axis_minus_one_is_the_class_axis():
     want = jaxent.linear_cross_entropy(x, w, labels)
     for axis in (-1, 2):
         assert jaxent.linear_cross_entropy(x, w, labels, axis=axis) == want
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["reference"])
+def test_a_bad_label_makes_the_gradients_nan(case):
+    """The NaN loss of an out-of-range label comes with non-finite dx and dw, so a
+    training step's guard on non-finite gradients skips the update."""
+    impl, block_size = CASES.get(case, ("xla", None))
+    x, w, labels, _ = make(2, lead=(6,))
+    labels = labels.at[2].set(w.shape[0] + 3)
+    loss, (dx, dw) = jax.value_and_grad(
+        lambda x, w: jaxent.linear_cross_entropy(
+            x, w, labels, implementation=impl, block_size=block_size
+        ),
+        argnums=(0, 1),
+    )(x, w)
+    dx = np.asarray(dx)
+    assert np.isnan(loss) and np.isnan(dx[2]).all() and np.isfinite(np.delete(dx, 2, 0)).all()
+    assert np.isnan(np.asarray(dw)).any()
