@@ -455,16 +455,17 @@ def _row_lse(s, best, position_mask):
 
 def poisoned(bad, value, loss):
     """`loss` where not `bad`, else NaN — and a NaN gradient into `value` (something
-    the logits' gradient flows through, e.g. lse) there.
+    the logits' gradient flows through, e.g. the loss itself) there.
 
-    A plain `where(bad, nan, loss)` has a zero gradient at `bad`: the loss would be NaN
-    but the gradients finite, and a training step's guard on non-finite gradients
+    For a scheduled option out of range (it poisons every position): a plain
+    `where(bad, nan, loss)` has a zero gradient at `bad`, the loss would be NaN but the
+    gradients finite, and a training step's guard on non-finite gradients
     (`optax.apply_if_finite`, loss scaling) would let the update through. The added
     term is 0 (exactly, even for an infinite `value`) where not `bad`, and its
     gradient there is 0 · cotangent; plain arithmetic, so forward mode (jvp, Hessians)
-    works too. The NaN gradient does not depend on the cotangent: a bad position
-    discarded after reduction="none" (`jnp.where(keep, loss, 0)`) still gets one —
-    drop positions with `where` or `ignore_index` instead.
+    works too. (Not for bad labels: the NaN gradient would not depend on the
+    cotangent, so a padding position discarded after reduction="none" would still
+    poison the step.)
     """
     nan_where_bad = jnp.where(bad, jnp.nan, 0)
     v = jnp.where(bad, value, 0)
@@ -519,7 +520,9 @@ def finish_rows(
     weight = jnp.where(valid, w_label, 0)
     in_range = (labels >= 0) & (labels < num_classes)
     loss = jnp.where(valid, loss, 0)
-    loss = poisoned(valid & ~in_range, lse, loss)
+    # A bad label's NaN keeps a finite gradient (as optax's does): padding labels out of
+    # range, masked after reduction="none" with `jnp.where`, must still train.
+    loss = jnp.where(valid & ~in_range, jnp.nan, loss)
     correct = None if first is None else jnp.where(lax.stop_gradient(first) == labels, weight, 0)
     return Rows(loss, lse_seen, jnp.where(valid, zl, 0), valid, weight, correct)
 

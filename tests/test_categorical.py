@@ -578,21 +578,35 @@ def test_soft_targets_shape_error():
 
 
 @pytest.mark.parametrize("impl", ["xla", None])
-def test_bad_values_make_the_gradient_nan_too(impl):
-    """A NaN loss from a bad label or a scheduled option out of range comes with NaN
+def test_scheduled_options_out_of_range_make_the_gradient_nan_too(impl):
+    """A NaN loss from a scheduled label_smoothing or z_loss out of range comes with NaN
     gradients, so a step's guard on non-finite gradients (optax.apply_if_finite, loss
-    scaling) skips it; a bad label's NaN stays in its row."""
+    scaling) skips it."""
     logits, labels = make(14, (4,), 5)
-    labels = labels.at[1].set(7)
+    targets = jax.nn.softmax(logits * 0.5)
 
     def grad(fn, **opts):
         return np.asarray(jax.grad(lambda z: fn(z, implementation=impl, **opts))(logits))
 
-    g = grad(lambda z, **o: jaxent.cross_entropy(z, labels, **o))
-    assert np.isnan(g[1]).all() and np.isfinite(g[[0, 2, 3]]).all()
-    good = labels.at[1].set(0)
-    targets = jax.nn.softmax(logits * 0.5)
     for bad in (dict(label_smoothing=jnp.float32(1.5)), dict(z_loss=jnp.float32(-1.0))):
-        assert np.isnan(grad(lambda z, **o: jaxent.cross_entropy(z, good, **o), **bad)).all()
+        assert np.isnan(grad(lambda z, **o: jaxent.cross_entropy(z, labels, **o), **bad)).all()
         soft = grad(lambda z, **o: jaxent.soft_cross_entropy(z, targets, **o), **bad)
         assert np.isnan(soft).all()
+
+
+@pytest.mark.parametrize("impl", ["xla", None])
+def test_padding_labels_masked_after_the_loss_train_as_with_where(impl):
+    """Labels padded out of range (NaN loss there) and masked after reduction="none"
+    with jnp.where — the optax idiom — give the gradients of dropping them with `where`."""
+    logits, labels = make(15, (4,), 5)
+    keep = jnp.array([True, False, True, False])
+    padded = jnp.where(keep, labels, -100)
+
+    def masked_after(z):
+        loss = jaxent.cross_entropy(z, padded, reduction="none", implementation=impl)
+        return jnp.where(keep, loss, 0).sum()
+
+    def dropped(z):
+        return jaxent.cross_entropy(z, labels, where=keep, reduction="sum", implementation=impl)
+
+    np.testing.assert_allclose(jax.grad(masked_after)(logits), jax.grad(dropped)(logits))
