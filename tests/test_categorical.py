@@ -610,3 +610,12 @@ def test_padding_labels_masked_after_the_loss_train_as_with_where(impl):
         return jaxent.cross_entropy(z, labels, where=keep, reduction="sum", implementation=impl)
 
     np.testing.assert_allclose(jax.grad(masked_after)(logits), jax.grad(dropped)(logits))
+
+
+def test_aux_values_are_float32_like_the_loss():
+    """SPEC: the loss and aux values come back in float32 (num_valid included)."""
+    logits, labels = make(16, (4,), 5)
+    _, aux = jaxent.cross_entropy(logits.astype(jnp.bfloat16), labels, return_aux=True)
+    for name, value in aux._asdict().items():
+        assert value.dtype == jnp.float32, (name, value.dtype)
+    assert aux.num_valid == 4
