@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ._sharding import axis_names
+
 REDUCTIONS = ("none", "sum", "mean")
 
 
@@ -229,7 +231,7 @@ def check_axis_name(name: str, value: Any) -> Any:
         raise TypeError(
             f"`{name}` must be a mesh axis name (str) or None, got {value!r}."
         ) from None
-    for axis in value if isinstance(value, tuple) else (value,):
+    for axis in axis_names((value,)):
         try:
             lax.axis_size(axis)
         except NameError:
@@ -246,15 +248,12 @@ def check_axis_names(vocab_axis_name: Any, batch_axis_name: Any) -> dict:
     cannot split the classes and the positions at once)."""
     vocab = check_axis_name("vocab_axis_name", vocab_axis_name)
     batch = check_axis_name("batch_axis_name", batch_axis_name)
-
-    def names(v):
-        return set() if v is None else set(v) if isinstance(v, tuple) else {v}
-
-    if names(vocab) & names(batch):
+    shared = set(axis_names((vocab,))) & set(axis_names((batch,)))
+    if shared:
         raise ValueError(
             f"`vocab_axis_name={vocab!r}` and `batch_axis_name={batch!r}` share the mesh "
-            f"axes {sorted(names(vocab) & names(batch))}; the classes and the positions "
-            "must be split over different axes."
+            f"axes {sorted(shared)}; the classes and the positions must be split over "
+            "different axes."
         )
     return dict(vocab_axis_name=vocab, batch_axis_name=batch)
 

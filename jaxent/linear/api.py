@@ -300,17 +300,16 @@ def _linear_cross_entropy(
         return_aux=return_aux,
         batch_axis_name=batch_axis_name,
     )
-    if implementation in ("chunked", "lean"):
-        kwargs["block_size"] = block_size
+
+    def run(name):
+        blocks = {"block_size": block_size} if name in ("chunked", "lean") else {}
+        return _IMPLS[name](x, w, labels, **kwargs, **blocks)
+
     if implementation is not None:
-        return _IMPLS[implementation](x, w, labels, **kwargs)
+        return run(implementation)
     for name in _ORDER:
         try:
-            if name == "chunked":
-                kwargs["block_size"] = block_size
-            if name == "xla":
-                kwargs.pop("block_size")
-            return _IMPLS[name](x, w, labels, **kwargs)
+            return run(name)
         except NotImplementedError:
             continue
     raise AssertionError("unreachable: 'xla' serves every call")

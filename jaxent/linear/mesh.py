@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 from jax import lax
 
+from .._sharding import axis_names
+
 
 def varying_axes(a) -> frozenset:
     """Mesh axes over which `a` varies inside `shard_map` (empty outside)."""
@@ -21,16 +23,8 @@ def varying_like(zeros: jax.Array, refs, summed_over=None) -> jax.Array:
     enter them, except an axis `summed_over` by a psum before the update): `lax.scan`
     needs equal carry types under `shard_map`."""
     missing = frozenset().union(*map(varying_axes, refs)) - varying_axes(zeros)
-    missing -= axis_names(summed_over)
+    missing -= frozenset(axis_names((summed_over,)))
     return lax.pcast(zeros, tuple(sorted(missing)), to="varying") if missing else zeros
-
-
-def axis_names(name) -> frozenset:
-    """The mesh axes named by an `axis_name` argument: None, one name or a tuple of
-    names (a dimension split over several mesh axes)."""
-    if name is None:
-        return frozenset()
-    return frozenset(name) if isinstance(name, tuple) else frozenset({name})
 
 
 def check_split_over(w: jax.Array, vocab_axis_name, implementation: str) -> None:
@@ -42,7 +36,7 @@ def check_split_over(w: jax.Array, vocab_axis_name, implementation: str) -> None
     gradient of x over the vocabulary axis twice. A `w` that holds this shard's rows,
     as `vocab_axis_name` says, varies over the axis whenever it is tracked.
     """
-    missing = axis_names(vocab_axis_name) - varying_axes(w)
+    missing = frozenset(axis_names((vocab_axis_name,))) - varying_axes(w)
     if missing:
         raise NotImplementedError(
             f"implementation={implementation!r} with `vocab_axis_name={vocab_axis_name!r}` "
