@@ -42,6 +42,7 @@ from .._stable import (
     num_classes_global,
     online_add,
     prepare_logits,
+    rescale,
     row_max,
     safe_shift,
 )
@@ -138,6 +139,44 @@ def _finish(st: Static, ops: Operands, total: Partial, best, first) -> Rows:
     )
 
 
+def _kernel_operands(st: Static, ops: Operands, i):
+    """Block i for the fused-head kernels (`jaxent.pallas.fused_head`): labels local to
+    the block, per-class operands in float32, w in x's dtype."""
+    from ..pallas import fused_head
+
+    offset, wb, bb, cwb, mb, lmb = _block(ops, i)
+    mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
+    f32 = None if bb is None else bb.astype(jnp.float32)
+    cw = None if cwb is None else cwb.astype(jnp.float32)
+    labels = ops.labels - offset  # a label outside [0, Bv) is not in the block
+    kernel_ops = fused_head.Operands(ops.x.astype(mm), wb.astype(mm), f32, cw, mb, lmb, labels)
+    return fused_head, kernel_ops, offset
+
+
+def _kernel_stats(st: Static, ops: Operands, i):
+    """(block_best, block_first, block_sums(m)) of block i from the stats kernel: its
+    sums come at the block's own shift and are moved to the running one."""
+    fused_head, kernel_ops, offset = _kernel_operands(st, ops, i)
+    config = st.kernel._replace(smoothing=_smoothing(st, ops), with_argmax=st.with_argmax)
+    out = fused_head.block_stats(config, kernel_ops)
+    own = safe_shift(out.best)
+    first = None if out.first is None else out.first + offset
+
+    def block_sums(m):
+        return rescale(out.sums, own, m)
+
+    return out.best, first, block_sums
+
+
+def _kernel_grad(st: Static, ops: Operands, i, ct_sums: Partial, m):
+    """(dlogits in the matmul dtype, dbias float32 or None) of block i from the
+    gradient kernel."""
+    fused_head, kernel_ops, _ = _kernel_operands(st, ops, i)
+    config = st.kernel._replace(smoothing=_smoothing(st, ops), with_argmax=False)
+    ct = fused_head.Cotangents(ct_sums.s, ct_sums.z_label, ct_sums.below_max, m)
+    return fused_head.block_grad(config, kernel_ops, ct)
+
+
 def _statistics(st: Static, ops: Operands):
     """One pass over the vocabulary blocks: whole-row (Partial, best, first)."""
     n = ops.x.shape[0]
@@ -146,16 +185,19 @@ def _statistics(st: Static, ops: Operands):
     def step(carry, i):
         total, best, first = carry
         offset, wb, bb, cwb, mb, lmb = _block(ops, i)
-        z, offset = _prepare(st, ops, project(ops.x, wb, bb), offset, mb, lmb)
-        block_best, block_first = row_max(z, offset, st.with_argmax)
+        if st.kernel is None:
+            z, offset = _prepare(st, ops, project(ops.x, wb, bb), offset, mb, lmb)
+            block_best, block_first = row_max(z, offset, st.with_argmax)
+
+            def block_sums(m):
+                return block_partial(z, ops.labels, offset, m, cwb, _smoothing(st, ops))
+        else:
+            block_best, block_first, block_sums = _kernel_stats(st, ops, i)
         if first is not None:
             # On a tie the smaller class id wins, as in `jnp.argmax` over the whole row;
             # blocks are strided, so block order is not class order.
             tie = (block_best == best) & (_class_id(ops, block_first) < _class_id(ops, first))
             first = jnp.where((block_best > best) | tie, block_first, first)
-
-        def block_sums(m):
-            return block_partial(z, ops.labels, offset, m, cwb, _smoothing(st, ops))
 
         total, best = online_add(total, best, block_best, block_sums)
         return (total, best, first), None
@@ -214,16 +256,20 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
             mask, off = _mask_and_offset(st, ops, lg, offset, mb, lmb)
             return logit_partial(lg, ops.labels, off, m, cwb, mask, st.softcap, _smoothing(st, ops))
 
-        lg = project(ops.x, wb, bb)
-        _, vjp = jax.vjp(block_sums, lg)
-        (dlogits,) = vjp(ct_sums)
-        dl = dlogits.astype(mm)
+        if st.kernel is None:
+            lg = project(ops.x, wb, bb)
+            _, vjp = jax.vjp(block_sums, lg)
+            (dlogits,) = vjp(ct_sums)
+            dl = dlogits.astype(mm)
+            dbias = None if db is None else jnp.sum(dlogits, axis=0, dtype=acc)
+        else:
+            dl, dbias = _kernel_grad(st, ops, i, ct_sums, m)
         dx = dx + jnp.dot(dl, wb, preferred_element_type=acc)
         dwb = lax.dot_general(dl, ops.x, (((0,), (0,)), ((), ())), preferred_element_type=acc)
         dwb = sum_to_primal_axes(dwb, ops.w).astype(ops.w.dtype)
         dw = put_block(dw, dwb, i)
         if db is not None:
-            dbb = sum_to_primal_axes(jnp.sum(dlogits, axis=0, dtype=acc), ops.bias)
+            dbb = sum_to_primal_axes(dbias, ops.bias)
             db = put_block(db, dbb.astype(ops.bias.dtype), i)
         return (dx, dw, db), None
 

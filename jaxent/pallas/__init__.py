@@ -44,13 +44,15 @@ class Kernel(NamedTuple):
 
     auto: pick by platform at lowering (the kernel on CUDA, XLA elsewhere);
     interpret: run in the Pallas interpreter; block_rows / block_classes: tile
-    overrides (None: `row_stats.tile_sizes`).
+    overrides (None: `row_stats.tile_sizes`, `fused_head.tile_sizes`); block_depth: the
+    hidden size per step of the fused-head kernels' matmul loop (None: theirs).
     """
 
     auto: bool = False
     interpret: bool = False
     block_rows: int | None = None
     block_classes: int | None = None
+    block_depth: int | None = None
 
 
 _INTERPRET: contextvars.ContextVar[Kernel | None] = contextvars.ContextVar(
@@ -59,7 +61,12 @@ _INTERPRET: contextvars.ContextVar[Kernel | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def interpret_mode(*, block_rows: int | None = None, block_classes: int | None = None):
+def interpret_mode(
+    *,
+    block_rows: int | None = None,
+    block_classes: int | None = None,
+    block_depth: int | None = None,
+):
     """Within this context, jaxent's Pallas kernels run in the Pallas interpreter.
 
     The test hook: `implementation=None` and `"pallas"` then take the kernel on any
@@ -67,17 +74,20 @@ def interpret_mode(*, block_rows: int | None = None, block_classes: int | None =
     The mode is read when a loss is called and is part of its jit cache key, so
     compiled calls never leak between modes; a function of your own that you `jax.jit`
     keeps the mode it was traced in. `block_rows` / `block_classes` (powers of two)
-    override the tile sizes, so small inputs can exercise several tiles. Slow: for tests.
+    override the tile sizes, so small inputs can exercise several tiles, and
+    `block_depth` the hidden size per matmul step of `linear_cross_entropy`'s kernels
+    (which take no tile below 16, Triton's smallest dot). Slow: for tests.
     Inside `shard_map`, the interpreter needs `check_vma=False` (a limitation of
     jax's Pallas interpreter; compiled kernels do not).
 
         with jaxent.pallas.interpret_mode(block_classes=16):
             loss = jaxent.cross_entropy(logits, labels, implementation="pallas")
     """
-    for name, value in (("block_rows", block_rows), ("block_classes", block_classes)):
+    tiles = dict(block_rows=block_rows, block_classes=block_classes, block_depth=block_depth)
+    for name, value in tiles.items():
         if value is not None and (value < 1 or value & (value - 1)):
             raise ValueError(f"`{name}` must be a power of two, got {value}.")
-    token = _INTERPRET.set(Kernel(False, True, block_rows, block_classes))
+    token = _INTERPRET.set(Kernel(False, True, **tiles))
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxent
+from jaxent.pallas import interpret_mode
 
 from .. import oracles
 
@@ -22,7 +23,22 @@ CASES = {
     "chunked sub-blocks": ("chunked", (8, 2)),
     "lean": ("lean", 32),
     "default": (None, None),
+    # The fused-head kernels in the Pallas interpreter (`_pallas_interpreted`): blocks of
+    # 100 classes (V padded to 300), 32-class tiles, 16-row tiles over the 37 positions.
+    "pallas": ("pallas", 100),
 }
+
+
+@pytest.fixture(autouse=True)
+def _pallas_interpreted(request):
+    """Tests of the "pallas" case run with the kernels in the Pallas interpreter."""
+    params = getattr(request.node, "callspec", None)
+    params = {} if params is None else params.params
+    if "pallas" in (params.get("case"), params.get("impl")):
+        with interpret_mode(block_rows=16, block_classes=32):
+            yield
+    else:
+        yield
 
 
 def make(seed, lead=(37,), d=16, v=203, dtype=F32):
@@ -197,9 +213,9 @@ def test_dropped_positions_with_non_finite_hidden_states(case):
     assert jnp.isnan(got)
 
 
-def test_default_falls_back_from_pallas():
+def test_pallas_off_gpu_raises_and_default_is_chunked():
     x, w, labels, _ = make(5)
-    with pytest.raises(NotImplementedError, match="no Pallas kernel"):
+    with pytest.raises(NotImplementedError, match="cannot serve this call.*backend is 'cpu'"):
         jaxent.linear_cross_entropy(x, w, labels, implementation="pallas")
     np.testing.assert_allclose(
         jaxent.linear_cross_entropy(x, w, labels),

@@ -1,0 +1,343 @@
+"""The output projection fused with the loss: Pallas kernels (Triton lowering) that
+form the logits x @ w.T + b tile by tile on chip, for `linear_cross_entropy(...,
+implementation="pallas")`.
+
+They run inside the scheme of `jaxent/linear/lean.py` (blocks of Bv classes, an
+online log-sum-exp over the blocks in the forward pass, a recompute in the backward
+pass) and replace, per block, the two steps that XLA takes through memory:
+
+- `block_stats`, forward: XLA writes the block's (N, Bv) float32 logits, then reads
+  them back for the row max and again for the sums. The kernel computes each (rows x
+  classes) tile of logits with a loop of `dot`s over the hidden size, keeps the
+  online log-sum-exp of its rows (`_stable.online_add`, `class_sums`: the formulas of
+  every other path) and writes only the per-row sums: nothing (N, Bv)-sized.
+- `block_grad`, backward: XLA writes the float32 logits, reads them for the gradient
+  (`_stable.partial_grad`) and writes that; the kernel recomputes each tile and writes
+  its gradient once, in the matmul dtype, ready for the dx and dw matmuls (XLA's:
+  cuBLAS), with the bias gradient's column sums.
+
+Per logit the memory traffic drops from ~14 bytes (bf16 inputs) to the 2 bytes of the
+gradient written once and read by the two matmuls; what remains is four matmuls (the
+logits twice), as the README's "Fast or lean, not both" explains.
+
+Tiles: block_rows x block_classes logits per program, the hidden size in steps of
+block_depth; all powers of two and at least 16 (Triton's smallest dot). Ragged N, Bv
+and D are masked loads (padding is 0, then dropped), never padded copies.
+
+Derivatives: each kernel is a `jax.custom_jvp` whose tangents come from its XLA twin
+(`_stats_xla`, `_grad_xla`: the same formulas on materialised logits), so second
+derivatives work as on the XLA paths; the twins run only under forward-mode
+differentiation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .._stable import (
+    Partial,
+    block_partial,
+    class_sums,
+    label_terms,
+    online_add,
+    partial_grad,
+    prepare_logits,
+    safe_shift,
+)
+from ..linear.reference import project
+from .row_stats import _argmax_step, _like
+
+MIN_TILE = 16  # Triton's dot needs every side >= 16
+
+
+class Config(NamedTuple):
+    """Static options of one kernel call (hashable)."""
+
+    softcap: float | None
+    smoothing: bool
+    with_argmax: bool
+    interpret: bool
+    block_rows: int | None
+    block_classes: int | None
+    block_depth: int | None = None
+
+
+def tile_sizes(n: int, v: int, d: int, config: Config) -> tuple[int, int, int]:
+    """(block_rows, block_classes, block_depth): 64 x 128 logits per tile, the hidden
+    size 64 at a time, no larger than the operands need, none below MIN_TILE."""
+
+    def size(override, default, extent):
+        return max(MIN_TILE, override or min(default, pl.next_power_of_2(max(extent, 1))))
+
+    return (
+        size(config.block_rows, 64, n),
+        size(config.block_classes, 128, v),
+        size(config.block_depth, 64, d),
+    )
+
+
+class Operands(NamedTuple):
+    """One block of classes: x (N, D); w (Bv, D) in x's dtype; bias, class_weights (Bv,)
+    float32 or None; class_mask (Bv,) bool (False: padding); logit_mask (N, Bv) bool or
+    None; labels (N,) int32, local to the block (outside [0, Bv): not in it)."""
+
+    x: Any
+    w: Any
+    bias: Any
+    class_weights: Any
+    class_mask: Any
+    logit_mask: Any
+    labels: Any
+
+
+class _Tile(NamedTuple):
+    rows: Any  # pl.ds of the rows
+    cols: Any  # pl.ds of the classes
+    row_ok: Any  # (BN,) bool
+    col: Any  # (BV,) int32 block-local class ids
+    col_ok: Any  # (BV,) bool
+
+
+def _tile(r0, c0, n, v, bn, bv) -> _Tile:
+    col = c0 + lax.iota(jnp.int32, bv)
+    return _Tile(pl.ds(r0, bn), pl.ds(c0, bv), r0 + lax.iota(jnp.int32, bn) < n, col, col < v)
+
+
+def _logits_and_keep(refs: Operands, t: _Tile, d: int, bd: int):
+    """(z, keep): the tile's float32 logits x @ w.T + b (the depth loop of `dot`s) and
+    which of them are kept (real rows and classes, class mask, logit mask)."""
+    bn, bv = t.row_ok.shape[0], t.col.shape[0]
+
+    def depth_step(k, acc):
+        d0 = k * bd
+        d_ok = (d0 + lax.iota(jnp.int32, bd) < d)[None, :]
+        xk = plgpu.load(refs.x.at[t.rows, pl.ds(d0, bd)], mask=t.row_ok[:, None] & d_ok, other=0)
+        wk = plgpu.load(refs.w.at[t.cols, pl.ds(d0, bd)], mask=t.col_ok[:, None] & d_ok, other=0)
+        return acc + plgpu.dot(xk, wk, trans_b=True)
+
+    z = lax.fori_loop(0, pl.cdiv(d, bd), depth_step, jnp.zeros((bn, bv), jnp.float32))
+    if refs.bias is not None:
+        z = z + plgpu.load(refs.bias.at[t.cols], mask=t.col_ok, other=0.0)[None, :]
+    class_ok = t.col_ok & plgpu.load(refs.class_mask.at[t.cols], mask=t.col_ok, other=False)
+    keep = t.row_ok[:, None] & class_ok[None, :]
+    if refs.logit_mask is not None:
+        lm = plgpu.load(refs.logit_mask.at[t.rows, t.cols], mask=keep, other=False)
+        keep = keep & lm
+    return z, keep
+
+
+def _class_weights(refs: Operands, t: _Tile):
+    if refs.class_weights is None:
+        return None
+    return plgpu.load(refs.class_weights.at[t.cols], mask=t.col_ok, other=0.0)
+
+
+class StatsOut(NamedTuple):
+    """(N,) each: the row max of the block's prepared logits, its first block-local
+    column (or None), and the block's `Partial` taken at shift safe_shift(best)."""
+
+    best: Any
+    first: Any
+    sums: Partial
+
+
+def _stats_kernel(*refs, n, v, d, tiles, config: Config):
+    """One block of rows, looping over the block's classes a tile at a time."""
+    ins, out = Operands(*refs[:7]), StatsOut(*refs[7:])
+    bn, bv, bd = tiles
+    r0 = pl.program_id(0) * bn
+    row_ok = r0 + lax.iota(jnp.int32, bn) < n
+    labels = plgpu.load(ins.labels.at[pl.ds(r0, bn)], mask=row_ok, other=-1)
+
+    def step(j, carry):
+        best, sums, arg = carry
+        t = _tile(r0, j.astype(jnp.int32) * bv, n, v, bn, bv)
+        z, keep = _logits_and_keep(ins, t, d, bd)
+        z = prepare_logits(z, keep, config.softcap)
+        cw = _class_weights(ins, t)
+        # The label's logit and weight: one compare per logit, on chip.
+        is_label = (t.col[None, :] == labels[:, None]) & t.col_ok[None, :]
+        in_tile = jnp.sum(is_label.astype(jnp.int32), axis=-1) > 0
+        z_label = jnp.sum(jnp.where(is_label, z, 0), axis=-1)
+        w_label = None if cw is None else jnp.sum(jnp.where(is_label, cw[None, :], 0), axis=-1)
+        labelled = label_terms(z_label, in_tile, w_label)
+
+        def tile_sums(m):
+            return class_sums(z, m, cw, config.smoothing)._replace(**labelled)
+
+        sums, best = online_add(sums, best, jnp.max(z, axis=-1), tile_sums)
+        arg = None if arg is None else _argmax_step(arg, z, t.col)
+        return best, sums, arg
+
+    zeros = jnp.zeros((bn,), jnp.float32)
+    sums = jax.tree.map(lambda _: zeros, out.sums)
+    arg = (zeros - jnp.inf, jnp.zeros((bn,), jnp.int32)) if config.with_argmax else None
+    best, sums, arg = lax.fori_loop(0, pl.cdiv(v, bv), step, (zeros - jnp.inf, sums, arg))
+    results = StatsOut(best, None if arg is None else arg[1], sums)
+    for ref, value in zip(jax.tree.leaves(out), jax.tree.leaves(results), strict=True):
+        plgpu.store(ref.at[pl.ds(r0, bn)], value, mask=row_ok)
+
+
+def _num_warps(bn: int, bv: int) -> int:
+    return 4 if bn * bv <= 64 * 64 else 8
+
+
+def _stats_launch(config: Config, ops: Operands) -> StatsOut:
+    n, d = ops.x.shape
+    v = ops.w.shape[0]
+    tiles = tile_sizes(n, v, d, config)
+    row = _like(ops.x, (n,), jnp.float32)
+    extra = dict(kw_sum=row, below_max=row, count=row) if config.smoothing else {}
+    w_label = row if ops.class_weights is not None else None
+    sums = Partial(s=row, z_label=row, label_hits=row, w_label=w_label, **extra)
+    first = _like(ops.x, (n,), jnp.int32) if config.with_argmax else None
+    kernel = functools.partial(_stats_kernel, n=n, v=v, d=d, tiles=tiles, config=config)
+    return pl.pallas_call(
+        kernel,
+        out_shape=StatsOut(row, first, sums),
+        grid=(pl.cdiv(n, tiles[0]),),
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(*tiles[:2]), num_stages=3),
+        interpret=config.interpret,
+        name="jaxent_fused_head_stats",
+    )(*ops)
+
+
+def _stats_xla(config: Config, ops: Operands, m):
+    """The block's `Partial` at shift m from materialised logits: the kernel's sums as a
+    differentiable XLA function (its tangents)."""
+    z = project(ops.x, ops.w, ops.bias)
+    keep = jnp.broadcast_to(ops.class_mask, z.shape)
+    if ops.logit_mask is not None:
+        keep = keep & ops.logit_mask
+    z = prepare_logits(z, keep, config.softcap)
+    return block_partial(z, ops.labels, 0, m, ops.class_weights, config.smoothing)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _stats(config: Config, ops: Operands) -> StatsOut:
+    out = _stats_launch(config, ops)
+    # Triton's max skips NaN; a NaN among the kept logits always reaches s.
+    return out._replace(best=jnp.where(jnp.isnan(out.sums.s), jnp.nan, out.best))
+
+
+@_stats.defjvp
+def _stats_jvp(config: Config, primals, tangents):
+    """Tangents of the sums from XLA at the kernel's shift held fixed (it is
+    gradient-free); the max and its column get none; class weights, masks and labels
+    carry no derivative."""
+    (ops,), (dops,) = primals, tangents
+    out = _stats(config, ops)
+    m = safe_shift(out.best)
+
+    def sums(x, w, bias):
+        return _stats_xla(config, ops._replace(x=x, w=w, bias=bias), m)
+
+    d_sums = jax.jvp(sums, (ops.x, ops.w, ops.bias), (dops.x, dops.w, dops.bias))[1]
+    first = None if out.first is None else np.zeros(out.first.shape, jax.dtypes.float0)
+    return out, StatsOut(jnp.zeros_like(out.best), first, d_sums)
+
+
+def block_stats(config: Config, ops: Operands) -> StatsOut:
+    """The block's row statistics in one kernel: (best, first, Partial at
+    safe_shift(best)); first is block-local. Shapes as in `Operands`."""
+    return _stats(config, ops)
+
+
+class Cotangents(NamedTuple):
+    """(N,) float32 cotangents of the whole-row sums the logits' gradient depends on,
+    and the shift the sums were taken with: s, z_label, below_max (None without
+    smoothing), m."""
+
+    s: Any
+    z_label: Any
+    below_max: Any
+    m: Any
+
+
+def _grad_kernel(*refs, n, v, d, tiles, config: Config):
+    """One (rows x classes) tile: recompute its logits, write their gradient (and the
+    tile's column sums of it, for the bias)."""
+    ins, ct_refs = Operands(*refs[:7]), Cotangents(*refs[7:11])
+    dlogits_ref, dbias_ref = refs[11:]
+    bn, bv, bd = tiles
+    c0 = pl.program_id(1) * bv
+    t = _tile(pl.program_id(0) * bn, c0, n, v, bn, bv)
+    z, keep = _logits_and_keep(ins, t, d, bd)
+
+    def row(ref, other=0.0):
+        return None if ref is None else plgpu.load(ref.at[t.rows], mask=t.row_ok, other=other)
+
+    ct = Partial(s=row(ct_refs.s), z_label=row(ct_refs.z_label), label_hits=None,
+                 below_max=row(ct_refs.below_max))  # fmt: skip
+    # `hit` may be True on every row: a dropped label logit is zeroed by `keep`.
+    dz = partial_grad(ct, z, row(ins.labels, -1), c0, row(ct_refs.m), _class_weights(ins, t),
+                      keep, t.row_ok, config.softcap, config.smoothing, None)  # fmt: skip
+    ok = t.row_ok[:, None] & t.col_ok[None, :]
+    plgpu.store(dlogits_ref.at[t.rows, t.cols], dz.astype(dlogits_ref.dtype), mask=ok)
+    if dbias_ref is not None:
+        part = jnp.sum(dz, axis=0)[None, :]
+        plgpu.store(dbias_ref.at[pl.ds(pl.program_id(0), 1), t.cols], part,
+                    mask=t.col_ok[None, :])  # fmt: skip
+
+
+def _grad_launch(config: Config, ops: Operands, ct: Cotangents):
+    n, d = ops.x.shape
+    v = ops.w.shape[0]
+    tiles = tile_sizes(n, v, d, config)
+    grid = (pl.cdiv(n, tiles[0]), pl.cdiv(v, tiles[1]))
+    parts = None if ops.bias is None else _like(ops.x, (grid[0], v), jnp.float32)
+    kernel = functools.partial(_grad_kernel, n=n, v=v, d=d, tiles=tiles, config=config)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(_like(ops.x, (n, v), ops.x.dtype), parts),
+        grid=grid,
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(*tiles[:2]), num_stages=3),
+        interpret=config.interpret,
+        name="jaxent_fused_head_grad",
+    )(*ops, *ct)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _grad(config: Config, ops: Operands, ct: Cotangents):
+    dlogits, parts = _grad_launch(config, ops, ct)
+    return dlogits, None if parts is None else jnp.sum(parts, axis=0)
+
+
+def _grad_xla(config: Config, ops: Operands, ct: Cotangents):
+    """`_grad` from materialised logits (its tangents)."""
+    keep = jnp.broadcast_to(ops.class_mask, (ops.x.shape[0], ops.w.shape[0]))
+    if ops.logit_mask is not None:
+        keep = keep & ops.logit_mask
+    sums = Partial(s=ct.s, z_label=ct.z_label, label_hits=None, below_max=ct.below_max)
+    hit = jnp.ones(ops.labels.shape, bool)
+    dz = partial_grad(sums, project(ops.x, ops.w, ops.bias), ops.labels, 0, ct.m,
+                      ops.class_weights, keep, hit, config.softcap, config.smoothing, None)  # fmt: skip
+    return dz.astype(ops.x.dtype), None if ops.bias is None else jnp.sum(dz, axis=0)
+
+
+@_grad.defjvp
+def _grad_jvp(config: Config, primals, tangents):
+    """Tangents from XLA in x, w, bias and the cotangents (which depend on the inputs
+    under second derivatives); the shift m is gradient-free."""
+    (ops, ct), (dops, dct) = primals, tangents
+
+    def grad(x, w, bias, s, z_label, below_max):
+        return _grad_xla(config, ops._replace(x=x, w=w, bias=bias),
+                         Cotangents(s, z_label, below_max, ct.m))  # fmt: skip
+
+    args = (ops.x, ops.w, ops.bias, ct.s, ct.z_label, ct.below_max)
+    dargs = (dops.x, dops.w, dops.bias, dct.s, dct.z_label, dct.below_max)
+    return _grad(config, ops, ct), jax.jvp(grad, args, dargs)[1]
+
+
+def block_grad(config: Config, ops: Operands, ct: Cotangents):
+    """(dlogits (N, Bv) in x's dtype, dbias (Bv,) float32 or None) of one block."""
+    return _grad(config, ops, ct)

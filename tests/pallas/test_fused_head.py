@@ -1,0 +1,139 @@
+"""The fused-head kernels of `linear_cross_entropy(..., implementation="pallas")`.
+
+The shared suite of tests/linear/test_api.py runs them (in the Pallas interpreter)
+against the materialised "xla" reference for every option and reduction; here: several
+steps of the matmul loop over the hidden size, bfloat16, aux, non-finite values, and
+lowering for CUDA at the benchmark shape.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxent
+from jaxent.pallas import fused_head, interpret_mode
+
+from .. import oracles
+from .test_lowering import TARGETS, lowered, pytestmark as lowering_skip
+
+F32 = jnp.float32
+# 3 ragged row tiles, 3 ragged class tiles per block of 40 (V = 90: blocks of 45, padded
+# to 2 x 45 = 90, no padding), 3 ragged steps over D = 40.
+TILES = dict(block_rows=16, block_classes=16, block_depth=16)
+
+
+def make(seed, n=37, d=40, v=90, dtype=F32):
+    kx, kw, ky, kb = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(kx, (n, d), F32).astype(dtype)
+    w = (jax.random.normal(kw, (v, d), F32) * 0.4).astype(dtype)
+    labels = jax.random.randint(ky, (n,), 0, v, jnp.int32)
+    bias = (jax.random.normal(kb, (v,), F32) * 0.1).astype(dtype)
+    return x, w, labels, bias
+
+
+def value_and_grads(impl, x, w, labels, bias, block_size=None, **opts):
+    def loss(x, w, bias):
+        return jaxent.linear_cross_entropy(
+            x, w, labels, bias=bias, implementation=impl, block_size=block_size, **opts
+        )
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=opts.get("return_aux", False))(
+        x, w, bias
+    )
+
+
+ALL = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, ignore_index=5, return_aux=True)
+
+
+@pytest.mark.parametrize("block_size", [45, 90])
+def test_depth_steps_and_all_options_match_reference(block_size):
+    x, w, labels, bias = make(0)
+    labels = labels.at[:3].set(5)  # ignored positions
+    opts = dict(ALL, class_weights=jnp.linspace(0.5, 2.0, 90, dtype=F32))
+    with interpret_mode(**TILES):
+        got = value_and_grads("pallas", x, w, labels, bias, block_size, **opts)
+    want = value_and_grads("xla", x, w, labels, bias, **opts)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        assert oracles.rel_err(a, b) < 1e-5
+
+
+def test_bfloat16_is_as_accurate_as_the_reference():
+    """bf16 inputs, float32 accumulation: loss and gradients against a float32 run of
+    the reference no worse than the materialised bf16 reference's (x1.5 for rounding
+    the gradient to bf16 at another point)."""
+    x, w, labels, bias = make(1, dtype=jnp.bfloat16)
+    exact = value_and_grads("xla", *(a.astype(F32) for a in (x, w)), labels, bias.astype(F32))
+    with interpret_mode(**TILES):
+        got = value_and_grads("pallas", x, w, labels, bias, 45)
+    ref = value_and_grads("xla", x, w, labels, bias)
+    assert got[0].dtype == F32
+    assert oracles.rel_err(got[0], exact[0]) < 1e-5
+    for g, r, e in zip(got[1], ref[1], exact[1], strict=True):
+        assert g.dtype == jnp.bfloat16
+        assert oracles.rel_err(g, e) <= 1.5 * oracles.rel_err(r, e) + 1e-3
+
+
+def test_argmax_ties_and_nan_rows_as_xla():
+    """aux.accuracy: equal logits across tiles and blocks go to the smaller class id; a
+    NaN hidden state gives NaN, as in the reference."""
+    x = jnp.ones((4, 16), F32)
+    w = jnp.zeros((90, 16), F32).at[jnp.array([70, 20, 40])].set(1.0)
+    labels = jnp.array([20, 40, 70, 20])
+    x = x.at[3, 0].set(jnp.nan)
+    with interpret_mode(**TILES):
+        got = jaxent.linear_cross_entropy(
+            x, w, labels, implementation="pallas", block_size=45, reduction="none",
+            return_aux=True,
+        )  # fmt: skip
+    want = jaxent.linear_cross_entropy(
+        x, w, labels, implementation="xla", reduction="none", return_aux=True
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert np.isnan(got[0][3])
+    # Row 0 (label 20) is right; the NaN row's argmax is its first NaN, class 0.
+    assert got[1].accuracy == want[1].accuracy == pytest.approx(1 / 4)
+
+
+def test_out_of_range_label_is_nan():
+    x, w, labels, bias = make(2, n=5)
+    labels = labels.at[1].set(90)
+    with interpret_mode(**TILES):
+        got = jaxent.linear_cross_entropy(
+            x, w, labels, bias=bias, implementation="pallas", reduction="none"
+        )
+    assert np.isnan(got[1]) and np.isfinite(np.delete(np.asarray(got), 1)).all()
+
+
+def test_tile_sizes_have_triton_minimum_and_fit_the_operands():
+    config = fused_head.Config(None, False, False, False, None, None)
+    assert fused_head.tile_sizes(8192, 2048, 4096, config) == (64, 128, 64)
+    assert fused_head.tile_sizes(3, 5, 8, config) == (16, 16, 16)
+    assert fused_head.tile_sizes(3, 5, 8, config._replace(block_rows=32)) == (32, 16, 16)
+
+
+@lowering_skip
+@pytest.mark.parametrize("opts", [{}, ALL])
+def test_lowers_for_cuda_at_the_llama_head(monkeypatch, opts):
+    """`jax.export` for CUDA from this CPU host: forward + backward at N=8192, D=4096,
+    V=128256 bfloat16 contain one stats kernel (the forward loop's body) and one
+    gradient kernel (the backward loop's). PTX compilation and speed need a GPU."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the choice as on a GPU
+    bf16 = jnp.bfloat16
+    args = [
+        jax.ShapeDtypeStruct((8192, 4096), bf16),
+        jax.ShapeDtypeStruct((128256, 4096), bf16),
+        jax.ShapeDtypeStruct((8192,), jnp.int32),
+    ]
+
+    def fn(x, w, y):
+        loss = functools.partial(jaxent.linear_cross_entropy, implementation="pallas", **opts)
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux="return_aux" in opts)(x, w, y)
+
+    text = lowered(fn, "cuda", *args)
+    assert text.count("jaxent_fused_head_stats") >= 1
+    assert text.count("jaxent_fused_head_grad") >= 1
+    assert sum(text.count(t) for t in TARGETS) == 2
