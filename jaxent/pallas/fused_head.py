@@ -318,8 +318,9 @@ def _grad_xla(config: Config, ops: Operands, ct: Cotangents):
         keep = keep & ops.logit_mask
     sums = Partial(s=ct.s, z_label=ct.z_label, label_hits=None, below_max=ct.below_max)
     hit = jnp.ones(ops.labels.shape, bool)
-    dz = partial_grad(sums, project(ops.x, ops.w, ops.bias), ops.labels, 0, ct.m,
-                      ops.class_weights, keep, hit, config.softcap, config.smoothing, None)  # fmt: skip
+    z = project(ops.x, ops.w, ops.bias)
+    dz = partial_grad(sums, z, ops.labels, 0, ct.m, ops.class_weights, keep, hit,
+                      config.softcap, config.smoothing, None)  # fmt: skip
     return dz.astype(ops.x.dtype), None if ops.bias is None else jnp.sum(dz, axis=0)
 
 

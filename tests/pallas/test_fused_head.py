@@ -17,7 +17,8 @@ import jaxent
 from jaxent.pallas import fused_head, interpret_mode
 
 from .. import oracles
-from .test_lowering import TARGETS, lowered, pytestmark as lowering_skip
+from .test_lowering import TARGETS, lowered
+from .test_lowering import pytestmark as lowering_skip
 
 F32 = jnp.float32
 # 3 ragged row tiles, 3 ragged class tiles per block of 40 (V = 90: blocks of 45, padded
