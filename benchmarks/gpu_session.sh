@@ -12,9 +12,9 @@
 #           temp, peak, errors vs a float32 reference; Liger / CCE in a torch subprocess
 #   plain   plain losses (N=8192 V=128256 bf16 and f32; N=65536 C=1000 f32) vs one
 #           read+write pass; the Pallas forward; optax, naive jnp, torch F.cross_entropy
-#   memory  compiled temp of "chunked" and "lean" at N=8192 and 32768 (the growth rule)
+#   memory  compiled temp of "chunked", "lean" and "pallas" at N=8192 and 32768
 #   tests   the kernel and loss tests, compiled on the GPU
-#   sweep   block-size sweeps of "chunked" and "lean", tile sweep of the Pallas forward
+#   sweep   block-size sweeps of "chunked" and "lean", tile sweeps of the Pallas kernels
 #
 # The device image has jax (CUDA), optax, chex, pytest, torch and triton but no
 # network: Liger Kernel and cut-cross-entropy travel as wheels. Before the call, here:
@@ -86,7 +86,7 @@ for p in "${parts[@]}"; do
       keep "$res/plain/results.json" plain.json
       ;;
     memory)
-      part memory 120 python3 -m benchmarks.memory --implementations chunked lean \
+      part memory 120 python3 -m benchmarks.memory --implementations chunked lean pallas \
         --out "$res/memory"
       ;;
     tests)
@@ -98,6 +98,8 @@ for p in "${parts[@]}"; do
       part "sweep chunked" 150 python3 -m benchmarks.sweep chunked --heads gemma2 llama3 \
         --out "$res/sweep_chunked.json"
       part "sweep lean" 120 python3 -m benchmarks.sweep lean --out "$res/sweep_lean.json"
+      part "sweep pallas" 150 python3 -m benchmarks.sweep pallas --heads llama3 gemma2 \
+        --out "$res/sweep_pallas.json"
       part "sweep row_stats" 90 python3 -m benchmarks.sweep row_stats \
         --out "$res/sweep_row_stats.json"
       ;;

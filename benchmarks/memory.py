@@ -44,7 +44,7 @@ def temp_bytes(impl, n, d, v, dtype, block) -> int:
     return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-IMPLEMENTATIONS = ("chunked", "lean", "xla")
+IMPLEMENTATIONS = ("chunked", "lean", "pallas", "xla")  # "pallas": CUDA GPUs only
 
 
 def gpu_chunked_blocks(n: int, v: int) -> tuple[int, int]:
@@ -61,6 +61,7 @@ def run(tokens=TOKENS, implementations=IMPLEMENTATIONS) -> list[dict]:
             blocks = {
                 "chunked (default)": gpu_chunked_blocks(n, v),
                 "lean": default_vocab_block_size(n, v, "gpu"),
+                "pallas": default_vocab_block_size(n, v, "gpu"),
                 "xla": None,
             }
             for impl, block in blocks.items():

@@ -3,6 +3,7 @@
     python -m benchmarks.sweep row_stats   # Pallas forward kernel: (block_rows, block_classes)
     python -m benchmarks.sweep chunked [--heads llama3 gemma2]  # tokens per block
     python -m benchmarks.sweep lean [--heads llama3 gemma2]     # "lean": classes per block
+    python -m benchmarks.sweep pallas [--heads ...]  # fused-head kernels: tiles, classes per block
 
 Each line is a time over the floor measured in the same run (row_stats: one read +
 write pass over the logits, so the ideal for a read-only forward is 0.5; chunked and
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxent
+import jaxent.pallas
 
 from . import linear, plain
 from .memory import block_label
@@ -63,6 +65,10 @@ SIZES = {
     "chunked": [1024, (2048, 2048), (2048, 1024), (2048, 512), (4096, 512)],
     "lean": [2048, 4096, 8192, 16384],
 }
+# "pallas": (classes per block, (rows, classes, depth) per kernel tile).
+PALLAS = [(2048, (64, 128, 64)), (8192, (64, 128, 64)), (2048, (128, 128, 64)),
+          (2048, (64, 256, 64)), (2048, (128, 256, 32)), (2048, (64, 128, 32)),
+          (2048, (128, 64, 64))]  # fmt: skip
 
 
 def blocks(impl: str, sizes, repeats: int, head=LLAMA3) -> list[dict]:
@@ -70,14 +76,21 @@ def blocks(impl: str, sizes, repeats: int, head=LLAMA3) -> list[dict]:
     x, w, y = linear.inputs(n, d, v, jnp.bfloat16)
     g = (jax.random.normal(jax.random.PRNGKey(1), (n, v), jnp.float32) * 1e-3).astype(x.dtype)
 
-    def step(block):
+    def step(block, tile=None):
         def loss(x, w, y):
-            return jaxent.linear_cross_entropy(x, w, y, implementation=impl, block_size=block)
+            if tile is None:
+                return jaxent.linear_cross_entropy(x, w, y, implementation=impl, block_size=block)
+            rows, classes, depth = tile
+            with jaxent.pallas.tiles(block_rows=rows, block_classes=classes, block_depth=depth):
+                return jaxent.linear_cross_entropy(x, w, y, implementation=impl, block_size=block)
 
         return jax.value_and_grad(loss, argnums=(0, 1))
 
     fns = {"floor": linear.three_matmuls}
-    fns.update({f"{impl} block={block_label(b)}": step(b) for b in sizes})
+    if impl == "pallas":
+        fns.update({f"pallas block={b} tile={t}": step(b, t) for b, t in sizes})
+    else:
+        fns.update({f"{impl} block={block_label(b)}": step(b) for b in sizes})
     args = {k: (x, w, g) if k == "floor" else (x, w, y) for k in fns}
     results = _drop_executables(measure(fns, args, repeats))
     floor = results.pop("floor")["seconds"]
@@ -87,7 +100,7 @@ def blocks(impl: str, sizes, repeats: int, head=LLAMA3) -> list[dict]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__)
-    p.add_argument("what", choices=["row_stats", "chunked", "lean"])
+    p.add_argument("what", choices=["row_stats", "chunked", "lean", "pallas"])
     p.add_argument("--heads", nargs="+", choices=sorted(HEADS), default=["llama3"],
                    help="LM heads (N=8192, bf16) for the chunked and lean sweeps")  # fmt: skip
     p.add_argument("--repeats", type=int, default=10)
@@ -98,7 +111,8 @@ def main(argv=None) -> None:
         if args.what == "row_stats":
             new = row_stats(args.repeats)
         else:
-            new = blocks(args.what, SIZES[args.what], args.repeats, HEADS[head])
+            sizes = PALLAS if args.what == "pallas" else SIZES[args.what]
+            new = blocks(args.what, sizes, args.repeats, HEADS[head])
         for r in new:
             shape = f"D={r['D']} V={r['V']}" if "D" in r else f"C={r['C']}"
             ms, mib = r["seconds"] * 1e3, r["temp_bytes"] / 2**20

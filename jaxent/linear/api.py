@@ -227,7 +227,7 @@ def _lean(
 
 
 def _pallas(x, w, labels, *, options, block_size, **kwargs):
-    """"lean"'s scheme with each block's logits formed on chip by the fused-head kernels
+    """The scheme of "lean" with each block's logits formed on chip by the fused-head kernels
     (`jaxent.pallas.fused_head`); NotImplementedError where they cannot serve."""
     mm = jnp.result_type(x.dtype, w.dtype)
     config = pallas.choose("pallas", mm)  # raises where the kernels cannot serve

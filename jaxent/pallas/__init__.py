@@ -83,11 +83,31 @@ def interpret_mode(
         with jaxent.pallas.interpret_mode(block_classes=16):
             loss = jaxent.cross_entropy(logits, labels, implementation="pallas")
     """
-    tiles = dict(block_rows=block_rows, block_classes=block_classes, block_depth=block_depth)
-    for name, value in tiles.items():
+    with _mode(True, block_rows, block_classes, block_depth):
+        yield
+
+
+@contextlib.contextmanager
+def tiles(
+    *,
+    block_rows: int | None = None,
+    block_classes: int | None = None,
+    block_depth: int | None = None,
+):
+    """Within this context, the compiled kernels use these tile sizes (powers of two;
+    None keeps the default): for tuning sweeps on a GPU (`python -m benchmarks.sweep`).
+    Read at call time and part of the jit cache key, as `interpret_mode`."""
+    with _mode(False, block_rows, block_classes, block_depth):
+        yield
+
+
+@contextlib.contextmanager
+def _mode(interpret: bool, block_rows, block_classes, block_depth):
+    sizes = dict(block_rows=block_rows, block_classes=block_classes, block_depth=block_depth)
+    for name, value in sizes.items():
         if value is not None and (value < 1 or value & (value - 1)):
             raise ValueError(f"`{name}` must be a power of two, got {value}.")
-    token = _INTERPRET.set(Kernel(False, True, **tiles))
+    token = _INTERPRET.set(Kernel(False, interpret, **sizes))
     try:
         yield
     finally:
@@ -119,14 +139,15 @@ def choose(implementation: str | None, dtype) -> Kernel | None:
     if implementation == "xla":
         return None
     mode = _INTERPRET.get()
-    reason = _why_not(jnp.dtype(dtype), mode is not None)
+    interpret = mode is not None and mode.interpret
+    reason = _why_not(jnp.dtype(dtype), interpret)
     if implementation == "pallas":
         if reason is not None:
             raise NotImplementedError(f"implementation='pallas' cannot serve this call: {reason}.")
         return mode or Kernel()
     if UNAVAILABLE is not None or dtype == jnp.float64:
         return None
-    return mode or Kernel(auto=True)
+    return mode if interpret else (mode or Kernel())._replace(auto=True)
 
 
 def stats_for(kernel: Kernel | None, soft: bool = False):
@@ -146,4 +167,4 @@ def stats_for(kernel: Kernel | None, soft: bool = False):
     return functools.partial(fn, interpret=kernel.interpret, **tiles)
 
 
-__all__ = ["UNAVAILABLE", "Kernel", "choose", "interpret_mode", "stats_for"]
+__all__ = ["UNAVAILABLE", "Kernel", "choose", "interpret_mode", "stats_for", "tiles"]

@@ -56,6 +56,9 @@ from ..linear.reference import project
 from .row_stats import _argmax_step, _like
 
 MIN_TILE = 16  # Triton's dot needs every side >= 16
+# (rows, classes, depth) per tile: a common Triton matmul tile for Hopper, unmeasured
+# here; `python -m benchmarks.sweep pallas` on a GPU tunes it (`jaxent.pallas.tiles`).
+DEFAULT_TILES = (64, 128, 64)
 
 
 class Config(NamedTuple):
@@ -77,10 +80,11 @@ def tile_sizes(n: int, v: int, d: int, config: Config) -> tuple[int, int, int]:
     def size(override, default, extent):
         return max(MIN_TILE, override or min(default, pl.next_power_of_2(max(extent, 1))))
 
+    rows, classes, depth = DEFAULT_TILES
     return (
-        size(config.block_rows, 64, n),
-        size(config.block_classes, 128, v),
-        size(config.block_depth, 64, d),
+        size(config.block_rows, rows, n),
+        size(config.block_classes, classes, v),
+        size(config.block_depth, depth, d),
     )
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import jaxent
-from jaxent.pallas import interpret_mode
 
 from .. import oracles
+from ..kernels import kernel_mode
 
 F32 = jnp.float32
 # Each case of the shared suite: (implementation, block_size) — several blocks over the
@@ -23,19 +23,20 @@ CASES = {
     "chunked sub-blocks": ("chunked", (8, 2)),
     "lean": ("lean", 32),
     "default": (None, None),
-    # The fused-head kernels in the Pallas interpreter (`_pallas_interpreted`): blocks of
+    # The fused-head kernels (`_pallas_kernels`: interpreted without a GPU): blocks of
     # 100 classes (V padded to 300), 32-class tiles, 16-row tiles over the 37 positions.
     "pallas": ("pallas", 100),
 }
 
 
 @pytest.fixture(autouse=True)
-def _pallas_interpreted(request):
-    """Tests of the "pallas" case run with the kernels in the Pallas interpreter."""
+def _pallas_kernels(request):
+    """Tests of the "pallas" case run the kernels with small tiles (in the Pallas
+    interpreter without a GPU)."""
     params = getattr(request.node, "callspec", None)
     params = {} if params is None else params.params
     if "pallas" in (params.get("case"), params.get("impl")):
-        with interpret_mode(block_rows=16, block_classes=32):
+        with kernel_mode(block_rows=16, block_classes=32):
             yield
     else:
         yield

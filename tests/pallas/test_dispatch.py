@@ -70,3 +70,17 @@ def test_interpret_mode_checks_its_tiles():
     expected = "`block_classes` must be a power of two, got 24"
     with pytest.raises(ValueError, match=expected), interpret_mode(block_classes=24):
         pass
+
+
+def test_tiles_context_keeps_the_platform_choice_and_checks_sizes():
+    """`tiles` (for GPU sweeps) sets compiled tile sizes: the kernel is still chosen by
+    platform, never interpreted, and "pallas" still refuses a CPU backend."""
+    with jaxent.pallas.tiles(block_rows=32, block_classes=64):
+        kernel = jaxent.pallas.choose(None, jnp.bfloat16)
+        assert kernel == jaxent.pallas.Kernel(True, False, 32, 64, None)
+        if jax.default_backend() == "cpu":
+            with pytest.raises(NotImplementedError, match="backend is 'cpu'"):
+                jaxent.pallas.choose("pallas", jnp.bfloat16)
+    expected = "`block_depth` must be a power of two, got 48"
+    with pytest.raises(ValueError, match=expected), jaxent.pallas.tiles(block_depth=48):
+        pass

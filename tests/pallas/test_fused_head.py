@@ -1,6 +1,6 @@
 """The fused-head kernels of `linear_cross_entropy(..., implementation="pallas")`.
 
-The shared suite of tests/linear/test_api.py runs them (in the Pallas interpreter)
+The shared suite of tests/linear/test_api.py runs them (in the Pallas interpreter on CPU)
 against the materialised "xla" reference for every option and reduction; here: several
 steps of the matmul loop over the hidden size, bfloat16, aux, non-finite values, and
 lowering for CUDA at the benchmark shape.
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import jaxent
-from jaxent.pallas import fused_head, interpret_mode
+from jaxent.pallas import fused_head
 
 from .. import oracles
+from ..kernels import kernel_mode
 from .test_lowering import TARGETS, lowered
 from .test_lowering import pytestmark as lowering_skip
 
@@ -54,7 +55,7 @@ def test_depth_steps_and_all_options_match_reference(block_size):
     x, w, labels, bias = make(0)
     labels = labels.at[:3].set(5)  # ignored positions
     opts = dict(ALL, class_weights=jnp.linspace(0.5, 2.0, 90, dtype=F32))
-    with interpret_mode(**TILES):
+    with kernel_mode(**TILES):
         got = value_and_grads("pallas", x, w, labels, bias, block_size, **opts)
     want = value_and_grads("xla", x, w, labels, bias, **opts)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -68,7 +69,7 @@ def test_bfloat16_is_as_accurate_as_the_reference():
     the gradient to bf16 at another point)."""
     x, w, labels, bias = make(1, dtype=jnp.bfloat16)
     exact = value_and_grads("xla", *(a.astype(F32) for a in (x, w)), labels, bias.astype(F32))
-    with interpret_mode(**TILES):
+    with kernel_mode(**TILES):
         got = value_and_grads("pallas", x, w, labels, bias, 45)
     ref = value_and_grads("xla", x, w, labels, bias)
     assert got[0].dtype == F32
@@ -85,7 +86,7 @@ def test_argmax_ties_and_nan_rows_as_xla():
     w = jnp.zeros((90, 16), F32).at[jnp.array([70, 20, 40])].set(1.0)
     labels = jnp.array([20, 40, 70, 20])
     x = x.at[3, 0].set(jnp.nan)
-    with interpret_mode(**TILES):
+    with kernel_mode(**TILES):
         got = jaxent.linear_cross_entropy(
             x, w, labels, implementation="pallas", block_size=45, reduction="none",
             return_aux=True,
@@ -102,7 +103,7 @@ def test_argmax_ties_and_nan_rows_as_xla():
 def test_out_of_range_label_is_nan():
     x, w, labels, bias = make(2, n=5)
     labels = labels.at[1].set(90)
-    with interpret_mode(**TILES):
+    with kernel_mode(**TILES):
         got = jaxent.linear_cross_entropy(
             x, w, labels, bias=bias, implementation="pallas", reduction="none"
         )
