@@ -377,18 +377,20 @@ def linear_cross_entropy(
       ignore_index, class_weights, label_smoothing, z_loss, softcap, reduction,
       return_aux, vocab_axis_name, batch_axis_name: as in `cross_entropy`. With
         `vocab_axis_name`, `w`, `bias` and `class_weights` hold this shard's rows.
-      implementation: None (best available: "pallas", then "chunked", then "xla" where
-        neither serves, e.g. under `pmap`), "xla" (the materialised reference),
+      implementation: None ("chunked", or "xla" where it cannot serve, e.g. under
+        `pmap`), "xla" (the materialised reference),
         "chunked" (pure JAX, token blocks, `custom_vjp`),
         "lean" (pure JAX, vocabulary blocks: the least memory, one extra matmul),
-        "pallas" (not available yet: raises NotImplementedError).
+        "pallas" (CUDA GPUs: "lean"'s scheme with each tile of logits formed on chip by
+        the kernels of `jaxent.pallas.fused_head`; no `vocab_axis_name`;
+        NotImplementedError where it cannot serve, as for `cross_entropy`).
       block_size: for "chunked", tokens per block (default `default_block_size`), or a
         pair (tokens per block, tokens per sub-block; the second divides the first,
         default `default_sub_block`): each block's logit gradient (block x V, matmul
         dtype) feeds the dx and dw matmuls, its float32 logits are formed a sub-block
-        at a time. For "lean", classes per block (default `default_vocab_block_size`;
-        lowered to a divisor of V within a factor 2 when there is one, so `w` is used
-        in place).
+        at a time. For "lean" and "pallas", classes per block (default
+        `default_vocab_block_size`; lowered to a divisor of V within a factor 2 when
+        there is one, so `w` is used in place).
 
     Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32),
     not to `class_weights` or the scalar options. The matmuls run in the inputs'
