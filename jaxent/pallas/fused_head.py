@@ -119,13 +119,15 @@ def _logits_and_keep(refs: Operands, t: _Tile, d: int, bd: int):
     """(z, keep): the tile's float32 logits x @ w.T + b (the depth loop of `dot`s) and
     which of them are kept (real rows and classes, class mask, logit mask)."""
     bn, bv = t.row_ok.shape[0], t.col.shape[0]
+    # float32 inputs: full float32 products (Triton's default would round them to TF32).
+    precision = lax.Precision.HIGHEST if refs.x.dtype == jnp.float32 else None
 
     def depth_step(k, acc):
         d0 = k * bd
         d_ok = (d0 + lax.iota(jnp.int32, bd) < d)[None, :]
         xk = plgpu.load(refs.x.at[t.rows, pl.ds(d0, bd)], mask=t.row_ok[:, None] & d_ok, other=0)
         wk = plgpu.load(refs.w.at[t.cols, pl.ds(d0, bd)], mask=t.col_ok[:, None] & d_ok, other=0)
-        return acc + plgpu.dot(xk, wk, trans_b=True)
+        return acc + plgpu.dot(xk, wk, trans_b=True, precision=precision)
 
     z = lax.fori_loop(0, pl.cdiv(d, bd), depth_step, jnp.zeros((bn, bv), jnp.float32))
     if refs.bias is not None:
@@ -203,6 +205,9 @@ def _stats_launch(config: Config, ops: Operands) -> StatsOut:
     w_label = row if ops.class_weights is not None else None
     sums = Partial(s=row, z_label=row, label_hits=row, w_label=w_label, **extra)
     first = _like(ops.x, (n,), jnp.int32) if config.with_argmax else None
+    if n == 0:  # no program to run (a grid of size 0)
+        empty = StatsOut(row, first, sums)
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), empty)
     kernel = functools.partial(_stats_kernel, n=n, v=v, d=d, tiles=tiles, config=config)
     return pl.pallas_call(
         kernel,
@@ -298,6 +303,9 @@ def _grad_launch(config: Config, ops: Operands, ct: Cotangents):
     tiles = tile_sizes(n, v, d, config)
     grid = (pl.cdiv(n, tiles[0]), pl.cdiv(v, tiles[1]))
     parts = None if ops.bias is None else _like(ops.x, (grid[0], v), jnp.float32)
+    if n == 0:  # no program to run
+        empty = (_like(ops.x, (0, v), ops.x.dtype), parts)
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), empty)
     kernel = functools.partial(_grad_kernel, n=n, v=v, d=d, tiles=tiles, config=config)
     return pl.pallas_call(
         kernel,

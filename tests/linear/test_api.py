@@ -144,7 +144,9 @@ def test_second_derivatives_match_reference(case, reduction):
         assert oracles.rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize(("impl", "block"), [("chunked", 16), ("chunked", (16, 4)), ("lean", 16)])
+@pytest.mark.parametrize(
+    ("impl", "block"), [("chunked", 16), ("chunked", (16, 4)), ("lean", 16), ("pallas", 64)]
+)
 def test_bfloat16_matches_reference(impl, block):
     x, w, labels, bias = make(2, dtype=jnp.bfloat16)
     got = loss_and_grads(
@@ -160,7 +162,7 @@ def test_bfloat16_matches_reference(impl, block):
         assert oracles.rel_err(a.astype(F32), b.astype(F32)) < 1e-2
 
 
-@pytest.mark.parametrize("impl", ["chunked", "lean"])
+@pytest.mark.parametrize("impl", ["chunked", "lean", "pallas"])
 @pytest.mark.parametrize("lead", [(2, 3), (5,), (0,)])
 def test_leading_dims_small_and_empty_batches(impl, lead):
     x, w, labels, bias = make(3, lead=lead, v=50)
@@ -170,7 +172,7 @@ def test_leading_dims_small_and_empty_batches(impl, lead):
         assert a.shape == b.shape and oracles.rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["chunked", "lean"])
+@pytest.mark.parametrize("impl", ["chunked", "lean", "pallas"])
 def test_aux_matches_reference(impl):
     x, w, labels, bias = make(4)
     labels = labels.at[0].set(-100)
@@ -264,12 +266,12 @@ def test_vmap_jit_and_no_retrace():
     np.testing.assert_allclose(f(x, labels, jnp.float32(0.1)), eager, rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked", "lean"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "lean", "pallas"])
 def test_accuracy_ties_go_to_the_smaller_class_id(impl):
     """Classes 1 and 4 tie for the max, label 1: argmax over the row picks 1, also when
     "lean"'s strided blocks visit class 4 first."""
-    x = jnp.zeros((1, 6)).at[0, 0].set(1.0)
-    w = jnp.zeros((6, 6)).at[1, 0].set(1.0).at[4, 0].set(1.0)
+    x = jnp.zeros((1, 6), F32).at[0, 0].set(1.0)
+    w = jnp.zeros((6, 6), F32).at[1, 0].set(1.0).at[4, 0].set(1.0)
     for block in (None, 2, 3):
         block = None if impl == "xla" else block
         _, aux = jaxent.linear_cross_entropy(

@@ -118,17 +118,24 @@ def test_tile_sizes_have_triton_minimum_and_fit_the_operands():
 
 
 @lowering_skip
-@pytest.mark.parametrize("opts", [{}, ALL])
-def test_lowers_for_cuda_at_the_llama_head(monkeypatch, opts):
-    """`jax.export` for CUDA from this CPU host: forward + backward at N=8192, D=4096,
-    V=128256 bfloat16 contain one stats kernel (the forward loop's body) and one
-    gradient kernel (the backward loop's). PTX compilation and speed need a GPU."""
+@pytest.mark.parametrize(
+    ("shape", "dtype", "opts"),
+    [
+        ((8192, 4096, 128256), jnp.bfloat16, {}),  # the Llama-3 head of the benchmarks
+        ((8192, 4096, 128256), jnp.bfloat16, ALL),
+        ((37, 40, 90), jnp.float32, ALL),
+    ],
+)
+def test_lowers_for_cuda(monkeypatch, shape, dtype, opts):
+    """`jax.export` for CUDA from this CPU host: forward + backward contain one stats
+    kernel (the forward loop's body) and one gradient kernel (the backward loop's).
+    PTX compilation and speed need a GPU."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the choice as on a GPU
-    bf16 = jnp.bfloat16
+    n, d, v = shape
     args = [
-        jax.ShapeDtypeStruct((8192, 4096), bf16),
-        jax.ShapeDtypeStruct((128256, 4096), bf16),
-        jax.ShapeDtypeStruct((8192,), jnp.int32),
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((v, d), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
     ]
 
     def fn(x, w, y):
