@@ -144,7 +144,7 @@ def _kernel_operands(st: Static, ops: Operands, i):
     the block, per-class operands in float32, w in x's dtype."""
     from ..pallas import fused_head
 
-    offset, wb, bb, cwb, mb, lmb = _block(ops, i)
+    offset, wb, bb, cwb, mb, lmb = _block(ops, i)  # offset: no vocab shards ("pallas")
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
     f32 = None if bb is None else bb.astype(jnp.float32)
     cw = None if cwb is None else cwb.astype(jnp.float32)
@@ -184,8 +184,8 @@ def _statistics(st: Static, ops: Operands):
 
     def step(carry, i):
         total, best, first = carry
-        offset, wb, bb, cwb, mb, lmb = _block(ops, i)
         if st.kernel is None:
+            offset, wb, bb, cwb, mb, lmb = _block(ops, i)
             z, offset = _prepare(st, ops, project(ops.x, wb, bb), offset, mb, lmb)
             block_best, block_first = row_max(z, offset, st.with_argmax)
 
