@@ -50,6 +50,7 @@ from .._stable import (
     online_add,
     partial_grad,
     prepare_logits,
+    rescale,
     safe_shift,
 )
 from ..linear.reference import project
@@ -148,24 +149,42 @@ def _class_weights(refs: Operands, t: _Tile):
 
 class StatsOut(NamedTuple):
     """(N,) each: the row max of the block's prepared logits, its first block-local
-    column (or None), and the block's `Partial` taken at shift safe_shift(best)."""
+    column (or None), and the block's `Partial` taken at shift safe_shift(best). The
+    kernel writes them (S, N), one row per segment of the classes, with `key`: the
+    argmax's running key (the max, NaN once a NaN was seen; None without argmax)."""
 
     best: Any
     first: Any
     sums: Partial
+    key: Any = None
 
 
-def _stats_kernel(*refs, n, v, d, tiles, config: Config):
-    """One block of rows, looping over the block's classes a tile at a time."""
+# Programs the forward kernel aims for (about two per SM of an H100/H200): when the
+# blocks of rows alone are fewer, the block's classes are split into segments.
+TARGET_PROGRAMS = 256
+
+
+def segments(n: int, v: int, tiles) -> tuple[int, int]:
+    """(segments S, class tiles per segment) of the forward kernel's grid (rows, S)."""
+    bn, bv, _ = tiles
+    n_tiles = pl.cdiv(v, bv)
+    wanted = min(n_tiles, max(1, pl.cdiv(TARGET_PROGRAMS, max(pl.cdiv(n, bn), 1))))
+    per = pl.cdiv(n_tiles, wanted)
+    return pl.cdiv(n_tiles, per), per
+
+
+def _stats_kernel(*refs, n, v, d, tiles, per, config: Config):
+    """One block of rows and one segment of `per` class tiles (a tile past the last
+    class is all padding: dropped)."""
     ins, out = Operands(*refs[:7]), StatsOut(*refs[7:])
     bn, bv, bd = tiles
-    r0 = pl.program_id(0) * bn
+    r0, seg = pl.program_id(0) * bn, pl.program_id(1)
     row_ok = r0 + lax.iota(jnp.int32, bn) < n
     labels = plgpu.load(ins.labels.at[pl.ds(r0, bn)], mask=row_ok, other=-1)
 
     def step(j, carry):
         best, sums, arg = carry
-        t = _tile(r0, j.astype(jnp.int32) * bv, n, v, bn, bv)
+        t = _tile(r0, (seg * per + j.astype(jnp.int32)) * bv, n, v, bn, bv)
         z, keep = _logits_and_keep(ins, t, d, bd)
         z = prepare_logits(z, keep, config.softcap)
         cw = _class_weights(ins, t)
@@ -186,37 +205,57 @@ def _stats_kernel(*refs, n, v, d, tiles, config: Config):
     zeros = jnp.zeros((bn,), jnp.float32)
     sums = jax.tree.map(lambda _: zeros, out.sums)
     arg = (zeros - jnp.inf, jnp.zeros((bn,), jnp.int32)) if config.with_argmax else None
-    best, sums, arg = lax.fori_loop(0, pl.cdiv(v, bv), step, (zeros - jnp.inf, sums, arg))
-    results = StatsOut(best, None if arg is None else arg[1], sums)
+    best, sums, arg = lax.fori_loop(0, per, step, (zeros - jnp.inf, sums, arg))
+    results = StatsOut(best, None, sums) if arg is None else StatsOut(best, arg[1], sums, arg[0])
     for ref, value in zip(jax.tree.leaves(out), jax.tree.leaves(results), strict=True):
-        plgpu.store(ref.at[pl.ds(r0, bn)], value, mask=row_ok)
+        plgpu.store(ref.at[pl.ds(seg, 1), pl.ds(r0, bn)], value[None, :], mask=row_ok[None, :])
 
 
 def _num_warps(bn: int, bv: int) -> int:
     return 4 if bn * bv <= 64 * 64 else 8
 
 
+def _combined(out: StatsOut) -> StatsOut:
+    """The (S, N) results of the segments as one (N,) result: sums moved to the largest
+    max, the argmax from the first segment holding it (or the first NaN) — the online
+    log-sum-exp's step, across segments."""
+    best = jnp.max(out.best, axis=0)
+    moved = rescale(out.sums, safe_shift(out.best), safe_shift(best)[None, :])
+    sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), moved)
+    first = None
+    if out.first is not None:
+        nan = jnp.isnan(out.key)
+        top = out.key == jnp.max(out.key, axis=0)
+        seg = jnp.where(jnp.any(nan, axis=0), jnp.argmax(nan, axis=0), jnp.argmax(top, axis=0))
+        first = jnp.take_along_axis(out.first, seg[None, :], axis=0)[0]
+    # Triton's max skips NaN; a NaN among the kept logits always reaches s.
+    return StatsOut(jnp.where(jnp.isnan(sums.s), jnp.nan, best), first, sums)
+
+
 def _stats_launch(config: Config, ops: Operands) -> StatsOut:
     n, d = ops.x.shape
     v = ops.w.shape[0]
     tiles = tile_sizes(n, v, d, config)
-    row = _like(ops.x, (n,), jnp.float32)
-    extra = dict(kw_sum=row, below_max=row, count=row) if config.smoothing else {}
-    w_label = row if ops.class_weights is not None else None
-    sums = Partial(s=row, z_label=row, label_hits=row, w_label=w_label, **extra)
-    first = _like(ops.x, (n,), jnp.int32) if config.with_argmax else None
+    num_segments, per = segments(n, v, tiles)
+    seg = _like(ops.x, (num_segments, n), jnp.float32)
+    extra = dict(kw_sum=seg, below_max=seg, count=seg) if config.smoothing else {}
+    w_label = seg if ops.class_weights is not None else None
+    sums = Partial(s=seg, z_label=seg, label_hits=seg, w_label=w_label, **extra)
+    argmax = config.with_argmax
+    out_shape = StatsOut(seg, _like(ops.x, (num_segments, n), jnp.int32) if argmax else None,
+                         sums, seg if argmax else None)  # fmt: skip
     if n == 0:  # no program to run (a grid of size 0)
-        empty = StatsOut(row, first, sums)
-        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), empty)
-    kernel = functools.partial(_stats_kernel, n=n, v=v, d=d, tiles=tiles, config=config)
-    return pl.pallas_call(
+        return _combined(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape))
+    kernel = functools.partial(_stats_kernel, n=n, v=v, d=d, tiles=tiles, per=per, config=config)
+    out = pl.pallas_call(
         kernel,
-        out_shape=StatsOut(row, first, sums),
-        grid=(pl.cdiv(n, tiles[0]),),
+        out_shape=out_shape,
+        grid=(pl.cdiv(n, tiles[0]), num_segments),
         compiler_params=plgpu.CompilerParams(num_warps=_num_warps(*tiles[:2]), num_stages=3),
         interpret=config.interpret,
         name="jaxent_fused_head_stats",
     )(*ops)
+    return _combined(out)
 
 
 def _stats_xla(config: Config, ops: Operands, m):
@@ -232,9 +271,7 @@ def _stats_xla(config: Config, ops: Operands, m):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _stats(config: Config, ops: Operands) -> StatsOut:
-    out = _stats_launch(config, ops)
-    # Triton's max skips NaN; a NaN among the kept logits always reaches s.
-    return out._replace(best=jnp.where(jnp.isnan(out.sums.s), jnp.nan, out.best))
+    return _stats_launch(config, ops)
 
 
 @_stats.defjvp

@@ -146,3 +146,17 @@ def test_lowers_for_cuda(monkeypatch, shape, dtype, opts):
     assert text.count("jaxent_fused_head_stats") >= 1
     assert text.count("jaxent_fused_head_grad") >= 1
     assert sum(text.count(t) for t in TARGETS) == 2
+
+
+def test_forward_segments_fill_the_gpu_and_cover_every_tile():
+    """Few blocks of rows: the classes are split into segments (grid rows x segments,
+    about TARGET_PROGRAMS programs); many rows: one segment. Every class tile is in
+    exactly one segment."""
+    llama = (64, 128, 64)
+    assert fused_head.segments(8192, 2048, llama) == (2, 8)  # 128 row blocks, 16 tiles
+    assert fused_head.segments(512, 2048, llama) == (16, 1)  # 8 row blocks
+    assert fused_head.segments(1 << 20, 2048, llama) == (1, 16)
+    for n, v in [(37, 100), (1000, 4000), (5, 33)]:
+        num, per = fused_head.segments(n, v, (16, 32, 16))
+        tiles = -(-v // 32)
+        assert (num - 1) * per < tiles <= num * per
