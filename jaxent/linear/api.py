@@ -226,26 +226,24 @@ def _lean(
     return finish(rows, reduction, return_aux, batch_axis_name)
 
 
-def _pallas(x, w, labels, *, options, block_size, **kwargs):
-    """The scheme of "lean" with each block's logits formed on chip by the fused-head kernels
-    (`jaxent.pallas.fused_head`); NotImplementedError where they cannot serve."""
-    mm = jnp.result_type(x.dtype, w.dtype)
-    config = pallas.choose("pallas", mm)  # raises where the kernels cannot serve
+def _pallas(x, w, labels, *, options, block_size, kernel, **kwargs):
+    """The scheme of "lean" with each block's logits formed on chip by the fused-head
+    kernels (`jaxent.pallas.fused_head`); `kernel` is the `pallas.choose` of the call."""
     if options["vocab_axis_name"] is not None:
         raise NotImplementedError(
             "implementation='pallas' for linear_cross_entropy does not take "
             "`vocab_axis_name` yet; use 'chunked' or 'lean' (None picks 'chunked')."
         )
-    kernel = fused_head.Config(
+    config = fused_head.Config(
         softcap=options["softcap"],
         smoothing=False,  # set per call from the options by lean
         with_argmax=False,
-        interpret=config.interpret,
-        block_rows=config.block_rows,
-        block_classes=config.block_classes,
-        block_depth=config.block_depth,
+        interpret=kernel.interpret,
+        block_rows=kernel.block_rows,
+        block_classes=kernel.block_classes,
+        block_depth=kernel.block_depth,
     )
-    return _lean(x, w, labels, options=options, block_size=block_size, kernel=kernel, **kwargs)
+    return _lean(x, w, labels, options=options, block_size=block_size, kernel=config, **kwargs)
 
 
 _IMPLS = {
@@ -260,6 +258,7 @@ _ORDER = ("chunked", "xla")
 
 _STATIC = (
     "implementation",
+    "kernel",
     "block_size",
     "where_kind",
     "reduction",
@@ -286,6 +285,7 @@ def _linear_cross_entropy(
     zl,
     *,
     implementation,
+    kernel,
     block_size,
     where_kind,
     reduction,
@@ -323,6 +323,8 @@ def _linear_cross_entropy(
 
     def run(name):
         blocks = {"block_size": block_size} if name in ("chunked", "lean", "pallas") else {}
+        if name == "pallas":
+            blocks["kernel"] = kernel
         return _IMPLS[name](x, w, labels, **kwargs, **blocks)
 
     if implementation is not None:
@@ -432,6 +434,11 @@ def linear_cross_entropy(
         "label_smoothing", label_smoothing, low=0.0, high=1.0
     )
     zl_static, zl = _checks.check_scalar_option("z_loss", z_loss, low=0.0)
+    # The kernel choice depends on context (`jaxent.pallas.interpret_mode`, `tiles`):
+    # made here, outside jit, and passed as a static argument (part of the cache key).
+    kernel = None
+    if implementation == "pallas":
+        kernel = pallas.choose("pallas", jnp.result_type(x.dtype, w.dtype))  # or raises
     return _linear_cross_entropy(
         x,
         w,
@@ -442,6 +449,7 @@ def linear_cross_entropy(
         ls,
         zl,
         implementation=implementation,
+        kernel=kernel,
         block_size=block_size,
         where_kind=split_where(where, positions + (vocab,), positions, len(positions)),
         reduction=_checks.check_reduction(reduction),

@@ -194,10 +194,13 @@ def _statistics(st: Static, ops: Operands):
         else:
             block_best, block_first, block_sums = _kernel_stats(st, ops, i)
         if first is not None:
-            # On a tie the smaller class id wins, as in `jnp.argmax` over the whole row;
-            # blocks are strided, so block order is not class order.
-            tie = (block_best == best) & (_class_id(ops, block_first) < _class_id(ops, first))
-            first = jnp.where((block_best > best) | tie, block_first, first)
+            # As `jnp.argmax` over the whole row: NaN beats every number, and among equal
+            # maxima (or NaNs) the smaller class id wins — blocks are strided, so block
+            # order is not class order. `best` is NaN once a block held a NaN.
+            smaller = _class_id(ops, block_first) < _class_id(ops, first)
+            block_nan, nan_seen = jnp.isnan(block_best), jnp.isnan(best)
+            better = block_nan | (block_best > best) | ((block_best == best) & smaller)
+            first = jnp.where(jnp.where(nan_seen, block_nan & smaller, better), block_first, first)
 
         total, best = online_add(total, best, block_best, block_sums)
         return (total, best, first), None

@@ -222,14 +222,18 @@ def _combined(out: StatsOut) -> StatsOut:
     best = jnp.max(out.best, axis=0)
     moved = rescale(out.sums, safe_shift(out.best), safe_shift(best)[None, :])
     sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), moved)
-    first = None
-    if out.first is not None:
-        nan = jnp.isnan(out.key)
-        top = out.key == jnp.max(out.key, axis=0)
-        seg = jnp.where(jnp.any(nan, axis=0), jnp.argmax(nan, axis=0), jnp.argmax(top, axis=0))
-        first = jnp.take_along_axis(out.first, seg[None, :], axis=0)[0]
-    # Triton's max skips NaN; a NaN among the kept logits always reaches s.
-    return StatsOut(jnp.where(jnp.isnan(sums.s), jnp.nan, best), first, sums)
+    if out.first is None:
+        # Triton's max skips NaN; a NaN among the kept logits always reaches s (so does
+        # a +inf logit, whose row's loss is NaN too: only the loss reads `best` here).
+        return StatsOut(jnp.where(jnp.isnan(sums.s), jnp.nan, best), None, sums)
+    # With the argmax, `best` is its key: NaN once a NaN was seen, else the max (+inf
+    # included), as XLA's max; the block merge in "lean" compares these.
+    nan = jnp.isnan(out.key)
+    key = jnp.max(out.key, axis=0)  # NaN where any segment's is
+    top = out.key == key
+    seg = jnp.where(jnp.any(nan, axis=0), jnp.argmax(nan, axis=0), jnp.argmax(top, axis=0))
+    first = jnp.take_along_axis(out.first, seg[None, :], axis=0)[0]
+    return StatsOut(key, first, sums)
 
 
 def _stats_launch(config: Config, ops: Operands) -> StatsOut:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxent
-from jaxent.pallas import fused_head
+from jaxent.pallas import fused_head, interpret_mode
 
 from .. import oracles
 from ..kernels import kernel_mode
@@ -160,3 +160,17 @@ def test_forward_segments_fill_the_gpu_and_cover_every_tile():
         num, per = fused_head.segments(n, v, (16, 32, 16))
         tiles = -(-v // 32)
         assert (num - 1) * per < tiles <= num * per
+
+
+def test_kernel_mode_is_part_of_the_jit_cache_key():
+    """The mode (`interpret_mode`, `tiles`) is read outside jit: a call after leaving
+    it does not reuse the interpreted trace, and new tile sizes trace anew."""
+    x, w, labels, _ = make(4, n=8)
+    call = functools.partial(jaxent.linear_cross_entropy, x, w, labels, implementation="pallas")
+    with interpret_mode(block_rows=16, block_classes=16):
+        a = call()
+    with interpret_mode(block_rows=32, block_classes=32, block_depth=32):
+        np.testing.assert_allclose(call(), a, rtol=1e-6)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match="backend is 'cpu'"):
+            call()
