@@ -54,24 +54,12 @@ from .._stable import (
     safe_shift,
 )
 from ..linear.reference import project
-from .row_stats import _argmax_step, _like
+from .row_stats import Config, _argmax_step, _like
 
 MIN_TILE = 16  # Triton's dot needs every side >= 16
 # (rows, classes, depth) per tile: a common Triton matmul tile for Hopper, unmeasured
 # here; `python -m benchmarks.sweep pallas` on a GPU tunes it (`jaxent.pallas.tiles`).
 DEFAULT_TILES = (64, 128, 64)
-
-
-class Config(NamedTuple):
-    """Static options of one kernel call (hashable)."""
-
-    softcap: float | None
-    smoothing: bool
-    with_argmax: bool
-    interpret: bool
-    block_rows: int | None
-    block_classes: int | None
-    block_depth: int | None = None
 
 
 def tile_sizes(n: int, v: int, d: int, config: Config) -> tuple[int, int, int]:

@@ -63,7 +63,8 @@ _BIG = jnp.iinfo(jnp.int32).max
 
 
 class Config(NamedTuple):
-    """Static options of one kernel call (hashable: a `custom_vjp` non-diff argument)."""
+    """Static options of one kernel call (hashable: a `custom_vjp` non-diff argument);
+    also those of the fused-head kernels (`fused_head.py`), which add `block_depth`."""
 
     softcap: float | None
     smoothing: bool
@@ -71,6 +72,7 @@ class Config(NamedTuple):
     interpret: bool
     block_rows: int | None
     block_classes: int | None
+    block_depth: int | None = None  # fused head: hidden size per matmul step
 
 
 class Out(NamedTuple):
