@@ -48,8 +48,9 @@ def _kl_divergence(
         _rows, axis=axis, dtype=dtype, temperature=temperature, vocab_axis_name=vocab_axis_name
     )
     # Reverse mode saves only the per-row statistics (and the inputs, which the caller
-    # holds anyway) and recomputes the elementwise terms: autodiff would otherwise keep
-    # some twenty logits-sized arrays for the backward.
+    # holds anyway) and recomputes the elementwise terms. Without this, autodiff saves
+    # the branches' intermediates: measured on CPU at (1024, 8192) float32, compiled
+    # temp 136 MiB instead of 104 (the old direct sum's too) and 25% slower.
     rows = jax.checkpoint(rows, policy=jax.checkpoint_policies.save_only_these_names(_SAVED))
     kl, valid = rows(logits, target_logits, logit_mask, position_mask)
     return reduce_loss(kl, valid.astype(dtype), reduction, batch_axis_name)
