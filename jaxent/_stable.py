@@ -35,10 +35,6 @@ def apply_softcap(x: jax.Array, softcap: float | None) -> jax.Array:
     return x if softcap is None else softcap * jnp.tanh(x / softcap)
 
 
-def _pmax(x, axis_name):
-    return x if axis_name is None else lax.pmax(x, axis_name)
-
-
 def vocab_psum(x, axis_name):
     return x if axis_name is None else lax.psum(x, axis_name)
 
@@ -80,31 +76,6 @@ def lse_from_sum(s: jax.Array, m: jax.Array) -> jax.Array:
     """
     has_mass = (s > 0) | jnp.isnan(s)
     return jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)) + m, -jnp.inf)
-
-
-class Stable(NamedTuple):
-    """Log-sum-exp pieces of prepared logits z (dropped entries -inf), class axis last.
-
-    m: (...,) gradient-free shift (the row max, 0 for a row with nothing kept);
-    any_kept: (...,) whether the row keeps a logit (True for NaN rows, so NaN
-    propagates); e: (..., C) exp(z - m); s: Σ e; lse: (...,) m + log s (-inf when
-    nothing is kept).
-    """
-
-    m: jax.Array
-    any_kept: jax.Array
-    e: jax.Array
-    s: jax.Array
-    lse: jax.Array
-
-
-def stable_exp(z: jax.Array, vocab_axis_name=None) -> Stable:
-    """lse_n = m_n + log Σ_c exp(z[n,c] - m_n), m_n = max_c z[n,c], across vocab shards."""
-    best = _pmax(lax.stop_gradient(jnp.max(z, axis=-1)), vocab_axis_name)
-    m = safe_shift(best)
-    e = jnp.exp(z - m[..., None])
-    s = vocab_psum(jnp.sum(e, axis=-1), vocab_axis_name)
-    return Stable(m, ~jnp.isneginf(best), e, s, lse_from_sum(s, m))
 
 
 class Rows(NamedTuple):
