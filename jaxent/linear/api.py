@@ -186,10 +186,9 @@ def _lean(
     return_aux,
     batch_axis_name,
     block_size,
-    kernel=None,
+    fused=None,
 ):
-    if kernel is None:
-        mesh.check_split_over(w, options["vocab_axis_name"], "lean")
+    mesh.check_split_over(w, options["vocab_axis_name"], "lean")
     n, vocab = math.prod(x.shape[:-1]), w.shape[0]
     block = dividing_block(vocab, block_size) if block_size else default_vocab_block_size(n, vocab)
     num_blocks = -(-vocab // block)
@@ -198,7 +197,7 @@ def _lean(
         return strided_blocks(a, num_blocks, block, axis, fill)
 
     # Labels become block-ordered ids; `ignore_index` is applied to the original ids first.
-    st = _static(options, return_aux)._replace(ignore_index=None, kernel=kernel)
+    st = _static(options, return_aux)._replace(ignore_index=None, fused=fused)
     labels = labels.reshape(n)
     pmask = jnp.ones((n,), bool) if position_mask is None else position_mask.reshape(n)
     if options["ignore_index"] is not None:
@@ -243,7 +242,7 @@ def _pallas(x, w, labels, *, options, block_size, kernel, **kwargs):
         block_classes=kernel.block_classes,
         block_depth=kernel.block_depth,
     )
-    return _lean(x, w, labels, options=options, block_size=block_size, kernel=config, **kwargs)
+    return _lean(x, w, labels, options=options, block_size=block_size, fused=config, **kwargs)
 
 
 _IMPLS = {

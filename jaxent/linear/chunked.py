@@ -52,7 +52,7 @@ class Static(NamedTuple):
     vocab_axis_name: object
     with_argmax: bool  # only for aux.accuracy
     sub_blocks: int = 1  # "chunked": strided sub-blocks per block of tokens
-    kernel: object = None  # "pallas": lean's scheme with `pallas.fused_head.Config`
+    fused: object = None  # "pallas": lean's scheme, these fused-head kernels' Config
 
 
 class Operands(NamedTuple):

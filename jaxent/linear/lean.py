@@ -139,26 +139,29 @@ def _finish(st: Static, ops: Operands, total: Partial, best, first) -> Rows:
     )
 
 
-def _kernel_operands(st: Static, ops: Operands, i):
-    """Block i for the fused-head kernels (`jaxent.pallas.fused_head`): labels local to
-    the block, per-class operands in float32, w in x's dtype."""
+def _kernel_operands(ops: Operands, i):
+    """(`fused_head.Operands` of block i, the block's first block-ordered id): labels
+    local to the block, per-class operands in float32, w in x's dtype. ("pallas" has
+    no vocabulary shards, so the id needs no shard offset.)"""
     from ..pallas import fused_head
 
-    offset, wb, bb, cwb, mb, lmb = _block(ops, i)  # offset: no vocab shards ("pallas")
+    offset, wb, bb, cwb, mb, lmb = _block(ops, i)
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
-    f32 = None if bb is None else bb.astype(jnp.float32)
-    cw = None if cwb is None else cwb.astype(jnp.float32)
+    bias = None if bb is None else bb.astype(jnp.float32)
+    weights = None if cwb is None else cwb.astype(jnp.float32)
     labels = ops.labels - offset  # a label outside [0, Bv) is not in the block
-    kernel_ops = fused_head.Operands(ops.x.astype(mm), wb.astype(mm), f32, cw, mb, lmb, labels)
-    return fused_head, kernel_ops, offset
+    block = fused_head.Operands(ops.x.astype(mm), wb.astype(mm), bias, weights, mb, lmb, labels)
+    return block, offset
 
 
 def _kernel_stats(st: Static, ops: Operands, i):
     """(block_best, block_first, block_sums(m)) of block i from the stats kernel: its
     sums come at the block's own shift and are moved to the running one."""
-    fused_head, kernel_ops, offset = _kernel_operands(st, ops, i)
-    config = st.kernel._replace(smoothing=_smoothing(st, ops), with_argmax=st.with_argmax)
-    out = fused_head.block_stats(config, kernel_ops)
+    from ..pallas import fused_head
+
+    block, offset = _kernel_operands(ops, i)
+    config = st.fused._replace(smoothing=_smoothing(st, ops), with_argmax=st.with_argmax)
+    out = fused_head.block_stats(config, block)
     own = safe_shift(out.best)
     first = None if out.first is None else out.first + offset
 
@@ -171,10 +174,11 @@ def _kernel_stats(st: Static, ops: Operands, i):
 def _kernel_grad(st: Static, ops: Operands, i, ct_sums: Partial, m):
     """(dlogits in the matmul dtype, dbias float32 or None) of block i from the
     gradient kernel."""
-    fused_head, kernel_ops, _ = _kernel_operands(st, ops, i)
-    config = st.kernel._replace(smoothing=_smoothing(st, ops), with_argmax=False)
+    from ..pallas import fused_head
+
+    config = st.fused._replace(smoothing=_smoothing(st, ops), with_argmax=False)
     ct = fused_head.Cotangents(ct_sums.s, ct_sums.z_label, ct_sums.below_max, m)
-    return fused_head.block_grad(config, kernel_ops, ct)
+    return fused_head.block_grad(config, _kernel_operands(ops, i)[0], ct)
 
 
 def _statistics(st: Static, ops: Operands):
@@ -184,7 +188,7 @@ def _statistics(st: Static, ops: Operands):
 
     def step(carry, i):
         total, best, first = carry
-        if st.kernel is None:
+        if st.fused is None:
             offset, wb, bb, cwb, mb, lmb = _block(ops, i)
             z, offset = _prepare(st, ops, project(ops.x, wb, bb), offset, mb, lmb)
             block_best, block_first = row_max(z, offset, st.with_argmax)
@@ -259,7 +263,7 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
             mask, off = _mask_and_offset(st, ops, lg, offset, mb, lmb)
             return logit_partial(lg, ops.labels, off, m, cwb, mask, st.softcap, _smoothing(st, ops))
 
-        if st.kernel is None:
+        if st.fused is None:
             lg = project(ops.x, wb, bb)
             _, vjp = jax.vjp(block_sums, lg)
             (dlogits,) = vjp(ct_sums)

@@ -95,7 +95,8 @@ def tiles(
     block_depth: int | None = None,
 ):
     """Within this context, the compiled kernels use these tile sizes (powers of two;
-    None keeps the default): for tuning sweeps on a GPU (`python -m benchmarks.sweep`).
+    None keeps the default; the fused-head kernels raise any size below 16, Triton's
+    smallest dot, to 16): for tuning sweeps on a GPU (`python -m benchmarks.sweep`).
     Read at call time and part of the jit cache key, as `interpret_mode`."""
     with _mode(False, block_rows, block_classes, block_depth):
         yield

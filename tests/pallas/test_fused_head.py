@@ -80,11 +80,13 @@ def test_bfloat16_is_as_accurate_as_the_reference():
 
 
 def test_argmax_ties_and_nan_rows_as_xla():
-    """aux.accuracy: equal logits across tiles and blocks go to the smaller class id; a
-    NaN hidden state gives NaN, as in the reference."""
+    """aux.accuracy: equal logits go to the smaller class id — across tiles and
+    segments (70 and 40 share strided block 0, at columns 35 and 20) and across blocks
+    (21 sits in block 1, visited after 40 and 70); a NaN hidden state gives NaN, as in
+    the reference."""
     x = jnp.ones((4, 16), F32)
-    w = jnp.zeros((90, 16), F32).at[jnp.array([70, 20, 40])].set(1.0)
-    labels = jnp.array([20, 40, 70, 20])
+    w = jnp.zeros((90, 16), F32).at[jnp.array([70, 21, 40])].set(1.0)
+    labels = jnp.array([21, 40, 70, 21])
     x = x.at[3, 0].set(jnp.nan)
     with kernel_mode(**TILES):
         got = jaxent.linear_cross_entropy(
@@ -96,7 +98,7 @@ def test_argmax_ties_and_nan_rows_as_xla():
     )
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     assert np.isnan(got[0][3])
-    # Row 0 (label 20) is right; the NaN row's argmax is its first NaN, class 0.
+    # Row 0 (label 21) is right; the NaN row's argmax is its first NaN, class 0.
     assert got[1].accuracy == want[1].accuracy == pytest.approx(1 / 4)
 
 
@@ -163,14 +165,24 @@ def test_forward_segments_fill_the_gpu_and_cover_every_tile():
 
 
 def test_kernel_mode_is_part_of_the_jit_cache_key():
-    """The mode (`interpret_mode`, `tiles`) is read outside jit: a call after leaving
-    it does not reuse the interpreted trace, and new tile sizes trace anew."""
-    x, w, labels, _ = make(4, n=8)
-    call = functools.partial(jaxent.linear_cross_entropy, x, w, labels, implementation="pallas")
+    """The mode (`interpret_mode`, `tiles`) is read outside jit: other tile sizes trace
+    anew (their kernels' grids differ), and a call after leaving the mode does not
+    reuse the interpreted trace."""
+    x, w, labels, _ = make(4, n=40)
+
+    def call():
+        return jaxent.linear_cross_entropy(x, w, labels, implementation="pallas")
+
+    def jaxpr():  # a new function each time: make_jaxpr caches by function, not by mode
+        return str(jax.make_jaxpr(lambda: call())())
+
     with interpret_mode(block_rows=16, block_classes=16):
-        a = call()
+        small, a = jaxpr(), call()
     with interpret_mode(block_rows=32, block_classes=32, block_depth=32):
-        np.testing.assert_allclose(call(), a, rtol=1e-6)
+        large, b = jaxpr(), call()
+    # The forward kernel's grid: (blocks of rows, segments of the 90 classes).
+    assert "grid=(3, 6)" in small and "grid=(2, 3)" in large and "grid=(3, 6)" not in large
+    np.testing.assert_allclose(b, a, rtol=1e-6)
     if jax.default_backend() != "gpu":
         with pytest.raises(NotImplementedError, match="backend is 'cpu'"):
             call()
