@@ -15,7 +15,7 @@ from . import _checks
 from ._categorical import masks_class_last, split_where
 from ._reduce import reduce_loss
 from ._sharding import LOGITS, WHERE, manual_if_explicit
-from ._stable import compute_dtype, kept, prepare_logits, safe_shift, vocab_psum
+from ._stable import compute_dtype, kept, prepare_logits, safe_shift, shard_max, vocab_psum
 
 
 @functools.partial(
@@ -105,9 +105,7 @@ def _shifted_exp(x, temperature, vocab_axis_name):
     keeps the rounding of r relative to x - m, not to x. r is clamped to finite
     values (dropped logits too: they are told apart by x), so differences of r never
     meet inf - inf; a +inf logit makes its row NaN, as elsewhere in jaxent."""
-    best = lax.stop_gradient(jnp.max(x, axis=-1))
-    if vocab_axis_name is not None:
-        best = lax.pmax(best, vocab_axis_name)
+    best = lax.stop_gradient(shard_max(jnp.max(x, axis=-1), None, vocab_axis_name)[0])
     best = checkpoint_name(best, _SAVED)
     r = jnp.maximum((x - safe_shift(best)[..., None]) / temperature, jnp.finfo(x.dtype).min)
     e = jnp.exp(r)

@@ -101,6 +101,17 @@ def row_max(z: jax.Array, offset, with_argmax: bool = True):
     return jnp.max(z, axis=-1), first
 
 
+def merge_first(best, first, block_best, block_first, block_smaller):
+    """A row's first argmax over the classes seen so far (`best`: their max, NaN once a
+    NaN was seen; `first`: its id) and a new block of them (`block_best`,
+    `block_first`), as `jnp.argmax` over the whole row: NaN beats every number, and
+    among equal maxima (or NaNs) the smaller id wins. `block_smaller`: whether
+    block_first is the smaller id (blocks need not come in class order)."""
+    block_nan, nan_seen = jnp.isnan(block_best), jnp.isnan(best)
+    better = block_nan | (block_best > best) | ((block_best == best) & block_smaller)
+    return jnp.where(jnp.where(nan_seen, block_nan & block_smaller, better), block_first, first)
+
+
 def shard_max(best, first, vocab_axis_name):
     """Combine `row_max` results across vocab shards: the first shard holding the max wins."""
     if vocab_axis_name is None:

@@ -39,6 +39,7 @@ from .._stable import (
     finish_rows,
     is_off,
     logit_partial,
+    merge_first,
     num_classes_global,
     online_add,
     prepare_logits,
@@ -198,13 +199,9 @@ def _statistics(st: Static, ops: Operands):
         else:
             block_best, block_first, block_sums = _kernel_stats(st, ops, i)
         if first is not None:
-            # As `jnp.argmax` over the whole row: NaN beats every number, and among equal
-            # maxima (or NaNs) the smaller class id wins — blocks are strided, so block
-            # order is not class order. `best` is NaN once a block held a NaN.
+            # Blocks are strided: block order is not class order.
             smaller = _class_id(ops, block_first) < _class_id(ops, first)
-            block_nan, nan_seen = jnp.isnan(block_best), jnp.isnan(best)
-            better = block_nan | (block_best > best) | ((block_best == best) & smaller)
-            first = jnp.where(jnp.where(nan_seen, block_nan & smaller, better), block_first, first)
+            first = merge_first(best, first, block_best, block_first, smaller)
 
         total, best = online_add(total, best, block_best, block_sums)
         return (total, best, first), None

@@ -52,6 +52,7 @@ from .._stable import (
     block_partial,
     class_sums,
     label_terms,
+    merge_first,
     online_add,
     partial_grad,
     prepare_logits,
@@ -209,24 +210,30 @@ def _num_warps(bn: int, bv: int) -> int:
 
 
 def _combined(out: StatsOut) -> StatsOut:
-    """The (S, N) results of the segments as one (N,) result: sums moved to the largest
-    max, the argmax from the first segment holding it (or the first NaN) — the online
-    log-sum-exp's step, across segments."""
-    best = jnp.max(out.best, axis=0)
-    moved = rescale(out.sums, safe_shift(out.best), safe_shift(best)[None, :])
-    sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), moved)
-    if out.first is None:
-        # Triton's max skips NaN; a NaN among the kept logits always reaches s (so does
-        # a +inf logit, whose row's loss is NaN too: only the loss reads `best` here).
-        return StatsOut(jnp.where(jnp.isnan(sums.s), jnp.nan, best), None, sums)
-    # With the argmax, `best` is its key: NaN once a NaN was seen, else the max (+inf
-    # included), as XLA's max; the block merge in "lean" compares these.
-    nan = jnp.isnan(out.key)
-    key = jnp.max(out.key, axis=0)  # NaN where any segment's is
-    top = out.key == key
-    seg = jnp.where(jnp.any(nan, axis=0), jnp.argmax(nan, axis=0), jnp.argmax(top, axis=0))
-    first = jnp.take_along_axis(out.first, seg[None, :], axis=0)[0]
-    return StatsOut(key, first, sums)
+    """The (S, N) results of the segments as one (N,) result: the online log-sum-exp
+    step of "lean"'s blocks (`online_add`, `merge_first`) over the segments, in order.
+
+    With the argmax, the max compared is its key (NaN once a NaN was seen, +inf
+    included), as XLA's max; without it, the kernel's (Triton's max skips NaN), made
+    NaN where s is (a NaN, or a +inf, among the kept logits always reaches s)."""
+    key = out.best if out.key is None else out.key
+
+    def step(carry, segment):
+        total, best, first = carry
+        seg_best, seg_key, seg_first, seg_sums = segment
+        if first is not None:  # later segments hold larger ids
+            first = merge_first(best, first, seg_key, seg_first, False)
+        own = safe_shift(seg_best)  # the shift the kernel took the sums at
+        total, best = online_add(total, best, seg_key, lambda m: rescale(seg_sums, own, m))
+        return (total, best, first), None
+
+    row = jnp.zeros(out.best.shape[1:], jnp.float32)
+    init = (jax.tree.map(lambda _: row, out.sums), row - jnp.inf,
+            None if out.first is None else jnp.zeros(row.shape, jnp.int32))  # fmt: skip
+    (sums, best, first), _ = lax.scan(step, init, (out.best, key, out.first, out.sums))
+    if out.key is None:
+        best = jnp.where(jnp.isnan(sums.s), jnp.nan, best)
+    return StatsOut(best, first, sums)
 
 
 def _stats_launch(config: Config, ops: Operands) -> StatsOut:
@@ -255,14 +262,16 @@ def _stats_launch(config: Config, ops: Operands) -> StatsOut:
     return _combined(out)
 
 
+def _kept_xla(ops: Operands):
+    """(N, Bv) bool: the kept logits of the XLA twins (class mask, logit mask)."""
+    keep = jnp.broadcast_to(ops.class_mask, (ops.x.shape[0], ops.w.shape[0]))
+    return keep if ops.logit_mask is None else keep & ops.logit_mask
+
+
 def _stats_xla(config: Config, ops: Operands, m):
     """The block's `Partial` at shift m from materialised logits: the kernel's sums as a
     differentiable XLA function (its tangents)."""
-    z = project(ops.x, ops.w, ops.bias)
-    keep = jnp.broadcast_to(ops.class_mask, z.shape)
-    if ops.logit_mask is not None:
-        keep = keep & ops.logit_mask
-    z = prepare_logits(z, keep, config.softcap)
+    z = prepare_logits(project(ops.x, ops.w, ops.bias), _kept_xla(ops), config.softcap)
     return block_partial(z, ops.labels, 0, m, ops.class_weights, config.smoothing)
 
 
@@ -359,9 +368,7 @@ def _grad(config: Config, ops: Operands, ct: Cotangents):
 
 def _grad_xla(config: Config, ops: Operands, ct: Cotangents):
     """`_grad` from materialised logits (its tangents)."""
-    keep = jnp.broadcast_to(ops.class_mask, (ops.x.shape[0], ops.w.shape[0]))
-    if ops.logit_mask is not None:
-        keep = keep & ops.logit_mask
+    keep = _kept_xla(ops)
     sums = Partial(s=ct.s, z_label=ct.z_label, label_hits=None, below_max=ct.below_max)
     hit = jnp.ones(ops.labels.shape, bool)
     z = project(ops.x, ops.w, ops.bias)
