@@ -143,3 +143,85 @@ def wire_bytes(found: list[Collective]) -> float:
 def largest(found: list[Collective], kind: str | None = None) -> int:
     """The largest single collective (of one kind, if given), in bytes; 0 if none."""
     return max((c.bytes for c in found if kind in (None, c.kind)), default=0)
+
+
+# Instructions that move no data (views, tuples, constants).
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
+# Fused uses of an array that touch only a few of its elements.
+_PARTIAL = {"gather", "slice", "dynamic-slice"}
+# Fused ops that update their first operand in place (XLA aliases it with the output).
+_IN_PLACE = {"scatter", "dynamic-update-slice"}
+
+
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+
+
+def _elements(typ: str) -> int:
+    return sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims in _ARRAY.findall(typ))
+
+
+def _use(body, index: int) -> str:
+    """How a fused computation uses its parameter `index`: "full" (read whole),
+    "partial" (only gathered or sliced) or "in place" (updated where it lies).
+
+    Elementwise ops in a fusion are evaluated where their consumers need them, so an
+    operand reaches memory as its furthest consumers do: an elementwise chain (ops with
+    as many elements) ending in a gather reads a few elements, one ending in a
+    reduction or the fusion's output reads all."""
+    param = next(n for n, _, op, rest in body if op == "parameter" and
+                 int(rest.split(")")[0]) == index)  # fmt: skip
+    types = {n: typ for n, typ, _, _ in body}
+    root = body[-1][0]  # the printer puts ROOT last
+    size = _elements(types[param])
+    uses, todo = set(), [param]
+    while todo:
+        name = todo.pop()
+        users = [(n, op, _operands(rest)) for n, _, op, rest in body if name in _operands(rest)]
+        if not users or name == root:
+            uses.add("full")
+        for user, op, args in users:
+            if op in _PARTIAL and args[0] == name:
+                uses.add("partial")
+            elif op in _IN_PLACE and args[0] == name:
+                uses.add("in place")
+            elif op != "tuple" and _elements(types[user]) == size:
+                todo.append(user)  # elementwise: follow it to its consumers
+            else:
+                uses.add("full")
+    return uses.pop() if len(uses) == 1 else "full"
+
+
+def passes(hlo: str, dims: str) -> tuple[int, list[str]]:
+    """Whole-array reads and writes of arrays of shape `dims` ("8192,128256") by the
+    entry computation of a compiled module, and a line per instruction that makes any.
+
+    The memory traffic of a bandwidth-bound loss in units of the array: one read and
+    one write is the floor (2). A fusion operand only gathered or sliced is not a read
+    (a label-logit gather touches N elements); an operand a fused scatter or
+    dynamic-update-slice updates in place is neither read nor written whole. Arrays
+    count whatever their dtype (a float32 copy of bfloat16 logits moves twice their
+    bytes). Loops are not descended into: this is for straight-line programs such as
+    the plain losses."""
+    comps, entry = _parse(hlo)
+    types = {name: typ for name, typ, _, _ in comps[entry]}
+    pattern = f"[{dims}]"
+    total, lines = 0, []
+    for name, typ, opcode, rest in comps[entry]:
+        if opcode in _FREE:
+            continue
+        called = _CALLS.search(rest) if opcode == "fusion" else None
+        body = comps.get(called.group(2)) if called else None
+        reads = writes = 0
+        in_place = False
+        for i, operand in enumerate(_operands(rest)):
+            if pattern not in types.get(operand, ""):
+                continue
+            use = _use(body, i) if body else "full"
+            reads += use == "full"
+            in_place |= use == "in place"
+        writes = typ.count(pattern) - in_place
+        if reads or writes:
+            total += reads + writes
+            lines.append(f"{opcode} {name}: {reads} read, {writes} write")
+    return total, lines

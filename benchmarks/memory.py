@@ -4,8 +4,9 @@
 
 Compile only (shapes, no arrays), so it runs at full size on any machine: forward +
 backward of the mean loss w.r.t. x and w, for N = 8192 and 32768 tokens, with the
-block sizes jaxent picks on a GPU for bfloat16 inputs (`gpu_chunked_blocks`,
-`default_vocab_block_size(..., "gpu")`), as `memory_analysis().temp_size_in_bytes`.
+block sizes jaxent picks on the accelerator for bfloat16 inputs (`chunked_blocks`,
+`default_vocab_block_size`; a GPU's when run on CPU), as
+`memory_analysis().temp_size_in_bytes`.
 
 On a GPU the inputs are bfloat16. On CPU they are float32: XLA:CPU has no bfloat16
 matmul and hoists a float32 conversion of all of `w` out of the block loops, a
@@ -31,14 +32,17 @@ HEADS = {"Llama-3": (4096, 128256), "Gemma-2": (2304, 256000)}
 TOKENS = (8192, 32768)
 
 
-def temp_bytes(impl, n, d, v, dtype, block) -> int:
+def temp_bytes(impl, n, d, v, dtype, block, sharding=None) -> int:
+    """Compiled temp of forward + backward; `sharding` places the (shape-only) inputs,
+    e.g. on a compile-only GPU (`benchmarks.deviceless`)."""
+
     def loss(x, w, y):
         return jaxent.linear_cross_entropy(x, w, y, implementation=impl, block_size=block)
 
     args = (
-        jax.ShapeDtypeStruct((n, d), dtype),
-        jax.ShapeDtypeStruct((v, d), dtype),
-        jax.ShapeDtypeStruct((n,), jnp.int32),
+        jax.ShapeDtypeStruct((n, d), dtype, sharding=sharding),
+        jax.ShapeDtypeStruct((v, d), dtype, sharding=sharding),
+        jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
     )
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
@@ -47,21 +51,24 @@ def temp_bytes(impl, n, d, v, dtype, block) -> int:
 IMPLEMENTATIONS = ("chunked", "lean", "pallas", "xla")  # "pallas": CUDA GPUs only
 
 
-def gpu_chunked_blocks(n: int, v: int) -> tuple[int, int]:
-    """What "chunked" picks on a GPU for bfloat16 inputs: (tokens per block, per sub-block)."""
-    block = default_block_size(n, v, "gpu", itemsize=2)
-    return block, default_sub_block(block, v, "gpu", itemsize=2)
+def chunked_blocks(n: int, v: int, backend: str = "gpu") -> tuple[int, int]:
+    """What "chunked" picks on `backend` for bfloat16 inputs: (tokens per block, per
+    sub-block)."""
+    block = default_block_size(n, v, backend, itemsize=2)
+    return block, default_sub_block(block, v, backend, itemsize=2)
 
 
-def run(tokens=TOKENS, implementations=IMPLEMENTATIONS) -> list[dict]:
-    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+def run(tokens=TOKENS, implementations=IMPLEMENTATIONS, sharding=None) -> list[dict]:
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = jnp.float32 if on_cpu else jnp.bfloat16
+    backend = "gpu" if on_cpu else jax.default_backend()
     rows = []
     for head, (d, v) in HEADS.items():
         for n in tokens:
             blocks = {
-                "chunked (default)": gpu_chunked_blocks(n, v),
-                "lean": default_vocab_block_size(n, v, "gpu"),
-                "pallas": default_vocab_block_size(n, v, "gpu"),
+                "chunked (default)": chunked_blocks(n, v, backend),
+                "lean": default_vocab_block_size(n, v, backend),
+                "pallas": default_vocab_block_size(n, v, backend),
                 "xla": None,
             }
             for impl, block in blocks.items():
@@ -69,9 +76,10 @@ def run(tokens=TOKENS, implementations=IMPLEMENTATIONS) -> list[dict]:
                 if name not in implementations:
                     continue
                 try:
-                    temp = temp_bytes(name, n, d, v, dtype, block)
-                except NotImplementedError as err:  # "pallas" off CUDA
-                    print(f"  {impl}: skipped ({str(err)[:120]})")
+                    temp = temp_bytes(name, n, d, v, dtype, block, sharding)
+                except (NotImplementedError, jax.errors.JaxRuntimeError) as err:
+                    # "pallas" off CUDA; a program larger than the device's memory
+                    print(f"  {head} N={n} {impl}: skipped ({str(err)[:120]})")
                     continue
                 rows.append({"head": head, "N": n, "D": d, "V": v, "dtype": jnp.dtype(dtype).name,
                              "implementation": impl, "block_size": block, "temp_bytes": temp,
@@ -83,7 +91,7 @@ def block_label(block) -> str:
     """A `block_size` as printed: 2048, or 2048/512 for (tokens per block, per sub-block)."""
     if block is None:
         return ""
-    return "/".join(map(str, block)) if isinstance(block, tuple) else str(block)
+    return "/".join(map(str, block)) if isinstance(block, tuple | list) else str(block)
 
 
 def markdown(rows, device) -> str:

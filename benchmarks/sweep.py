@@ -34,6 +34,11 @@ def _drop_executables(results: dict) -> dict:
     return {k: {f: v for f, v in r.items() if f != "compiled"} for k, r in results.items()}
 
 
+# The forward kernel's (rows, classes) per tile.
+ROW_STATS_TILES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (2, 2048),
+                   (2, 4096), (4, 1024), (4, 2048), (8, 512)]  # fmt: skip
+
+
 def row_stats(repeats: int) -> list[dict]:
     from jaxent.pallas.row_stats import kernel_stats
 
@@ -49,10 +54,8 @@ def row_stats(repeats: int) -> list[dict]:
 
         return f
 
-    tiles = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (2, 2048), (2, 4096),
-             (4, 1024), (4, 2048), (8, 512)]  # fmt: skip
     fns = {"floor": lambda x, y: 2 * x}
-    fns.update({f"rows={r} classes={k}": forward(r, k) for r, k in tiles})
+    fns.update({f"rows={r} classes={k}": forward(r, k) for r, k in ROW_STATS_TILES})
     results = _drop_executables(measure(fns, dict.fromkeys(fns, (x, y)), repeats))
     floor = results.pop("floor")["seconds"]
     return [{"case": k, "N": n, "C": c, "ratio": v["seconds"] / floor, **v}

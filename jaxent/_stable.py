@@ -220,7 +220,9 @@ def logit_label_terms(logits, labels, offset, class_weights, logit_mask, softcap
     return label_terms(z_label, in_block, w)
 
 
-def logit_partial(logits, labels, offset, m, class_weights, logit_mask, softcap, smoothing):
+def logit_partial(
+    logits, labels, offset, m, class_weights, logit_mask, softcap, smoothing, apart=False
+):
     """`block_partial(prepare_logits(logits, logit_mask, softcap), ...)` from raw logits,
     with a backward that writes the logits' gradient in one elementwise pass.
 
@@ -235,23 +237,28 @@ def logit_partial(logits, labels, offset, m, class_weights, logit_mask, softcap,
     - CPU (compute-bound elementwise loops): the forward's float32 exp(z - m) is saved
       and reused, because recomputing exp measured 2x slower there (N=4096, C=1000).
 
-    No gradient flows to `class_weights`.
+    `apart`: recompute from the logits behind an optimization barrier (`_own_copy`),
+    for logits that are an input of the whole computation: then XLA cannot merge the
+    backward's soft-cap and exp with the forward's. No gradient flows to
+    `class_weights`.
     """
     args = (logits, labels, offset, lax.stop_gradient(m), class_weights, logit_mask)
-    return _exp_saved_on_cpu(_logit_partial, _logit_sums, softcap, smoothing, args)
+    return _exp_saved_on_cpu(_logit_partial, _logit_sums, softcap, smoothing, args, apart)
 
 
-def _exp_saved_on_cpu(one_pass, sums, softcap, smoothing, args):
-    """`one_pass(softcap, smoothing, save_exp, fields, *args)` (a custom_vjp returning
-    the stacked sums) with save_exp on CPU only, decided at lowering; the sums unstacked
-    to the structure `sums(softcap, smoothing, *args)[0]` has."""
+def _exp_saved_on_cpu(one_pass, sums, softcap, smoothing, args, apart):
+    """`one_pass(softcap, smoothing, exp, fields, *args)` (a custom_vjp returning the
+    stacked sums) with exp = "saved" on CPU, decided at lowering, else "recomputed" (or
+    "recomputed apart", `_own_copy`); the sums unstacked to the structure
+    `sums(softcap, smoothing, *args)[0]` has."""
     fields = structure_of(lambda *a: sums(softcap, smoothing, *a)[0], *args)
 
     def saved_exp(*args):
-        return one_pass(softcap, smoothing, True, fields, *args)
+        return one_pass(softcap, smoothing, "saved", fields, *args)
 
     def recompute(*args):
-        return one_pass(softcap, smoothing, False, fields, *args)
+        exp = "recomputed apart" if apart else "recomputed"
+        return one_pass(softcap, smoothing, exp, fields, *args)
 
     return unstacked(fields, lax.platform_dependent(*args, cpu=saved_exp, default=recompute))
 
@@ -286,24 +293,32 @@ def _prepared_exp(logits, m, logit_mask, softcap):
 
 
 def _logit_sums(softcap, smoothing, logits, labels, offset, m, class_weights, logit_mask):
-    """(`Partial` of the raw logits, exp(z - m))."""
+    """(`Partial` of the raw logits, exp(z - m)). The label's logit is gathered from the
+    raw logits, not from z: with z read by the sums alone, XLA:TPU fuses the float32
+    upcast of bfloat16 logits into the sums instead of writing a float32 copy of the
+    logits for them and the gather (5 logits-sized transfers instead of 4,
+    `python -m benchmarks.deviceless --target v5p`)."""
     z, e = _prepared_exp(logits, m, logit_mask, softcap)
-    return block_partial(z, labels, offset, m, class_weights, smoothing, e), e
+    w = None if class_weights is None else class_weights.astype(z.dtype)
+    labelled = logit_label_terms(logits, labels, offset, class_weights, logit_mask, softcap)
+    return class_sums(z, m, w, smoothing, e)._replace(**labelled), e
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _logit_partial(softcap, smoothing, save_exp, fields, *args):
+def _logit_partial(softcap, smoothing, exp, fields, *args):
     return stacked(_logit_sums(softcap, smoothing, *args)[0])
 
 
-def _logit_partial_fwd(softcap, smoothing, save_exp, fields, *args):
+def _logit_partial_fwd(softcap, smoothing, exp, fields, *args):
     out, e = _logit_sums(softcap, smoothing, *args)
     hit = out.label_hits > 0
-    return stacked(out), (*args, e if save_exp else None, hit)
+    return stacked(out), (*args, e if exp == "saved" else None, hit)
 
 
-def _logit_partial_bwd(softcap, smoothing, save_exp, fields, residuals, ct):
+def _logit_partial_bwd(softcap, smoothing, exp, fields, residuals, ct):
     logits, labels, offset, m, class_weights, logit_mask, e, hit = residuals
+    if exp == "recomputed apart":
+        logits, logit_mask = _own_copy(logits, logit_mask)
     grad = partial_grad(unstacked(fields, ct), logits, labels, offset, m, class_weights,
                         logit_mask, hit, softcap, smoothing, e)  # fmt: skip
     return grad, None, None, None, None, None
@@ -318,6 +333,16 @@ def _live(ct) -> jax.Array:
     return functools.reduce(
         jnp.logical_or, (getattr(ct, f) != 0 for f in fields if getattr(ct, f, None) is not None)
     )
+
+
+def _own_copy(logits, logit_mask):
+    """The inputs a backward recomputes from, behind an optimization barrier (an
+    identity, free at run time), so that XLA cannot merge (CSE) the backward's soft-cap
+    and exp with the forward's: merged, XLA:GPU wrote them as a float32 logits-sized
+    array in the forward and read it back in the backward (8 logits-sized transfers
+    instead of 4 with a soft-cap; `python -m benchmarks.deviceless`). Not for logits
+    formed inside a backward (`linear.lean`): there it only kept a mask from fusing."""
+    return lax.optimization_barrier((logits, logit_mask))
 
 
 def partial_grad(
@@ -511,12 +536,21 @@ def finish_rows(
 
 def prepared_max(logits, logit_mask, softcap, offset, with_argmax):
     """(best, first, z): `row_max` of the prepared logits, best in the compute dtype, and
-    the array it was taken on. Without softcap or mask that is the logits themselves
-    (the max is exact in any dtype): no float32 copy is formed to reduce over."""
+    the array it was taken on (None when not formed). Without softcap or mask that is
+    the logits themselves (the max is exact in any dtype): no float32 copy is formed."""
+    dtype = compute_dtype(logits.dtype)
+    if softcap is not None and not with_argmax:
+        # The soft-cap is increasing: cap the max instead of every logit (equal to
+        # rounding; the max is only the shift of the log-sum-exp). Then the capped
+        # logits are formed for the sums alone, and XLA:GPU fuses them there instead of
+        # materialising a float32 logits-sized array shared by the max and the sums.
+        x = logits if logit_mask is None else jnp.where(logit_mask, logits, -jnp.inf)
+        raw = jnp.max(x, axis=-1).astype(dtype)
+        return jnp.where(raw == -jnp.inf, raw, apply_softcap(raw, softcap)), None, None
     plain = softcap is None and logit_mask is None
     z = logits if plain else prepare_logits(logits, logit_mask, softcap)
     best, first = row_max(z, offset, with_argmax)
-    return best.astype(compute_dtype(logits.dtype)), first, z
+    return best.astype(dtype), first, z
 
 
 def logit_stats(
@@ -541,7 +575,7 @@ def logit_stats(
     m = safe_shift(best)
     if one_pass_backward:
         partial = logit_partial(
-            logits, labels, offset, m, class_weights, logit_mask, softcap, smoothing
+            logits, labels, offset, m, class_weights, logit_mask, softcap, smoothing, apart=True
         )
     else:
         z = prepare_logits(logits, logit_mask, softcap)
@@ -660,12 +694,12 @@ def soft_sums(z, t, m, w, smoothing: bool, e=None) -> SoftPartial:
     )
 
 
-def soft_partial(logits, targets, m, class_weights, logit_mask, softcap, smoothing):
+def soft_partial(logits, targets, m, class_weights, logit_mask, softcap, smoothing, apart=False):
     """`soft_sums(prepare_logits(logits, ...), targets, ...)` with a backward that writes
     the gradients of the logits and of the targets in one elementwise pass (`soft_grad`);
-    exp(z - m) is saved on CPU and recomputed elsewhere, as in `logit_partial`."""
+    exp(z - m) is saved on CPU and recomputed elsewhere, `apart` as in `logit_partial`."""
     args = (logits, targets, lax.stop_gradient(m), class_weights, logit_mask)
-    return _exp_saved_on_cpu(_soft_partial, _soft_sums, softcap, smoothing, args)
+    return _exp_saved_on_cpu(_soft_partial, _soft_sums, softcap, smoothing, args, apart)
 
 
 def _soft_sums(softcap, smoothing, logits, targets, m, class_weights, logit_mask):
@@ -676,17 +710,19 @@ def _soft_sums(softcap, smoothing, logits, targets, m, class_weights, logit_mask
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _soft_partial(softcap, smoothing, save_exp, fields, *args):
+def _soft_partial(softcap, smoothing, exp, fields, *args):
     return stacked(_soft_sums(softcap, smoothing, *args)[0])
 
 
-def _soft_partial_fwd(softcap, smoothing, save_exp, fields, *args):
+def _soft_partial_fwd(softcap, smoothing, exp, fields, *args):
     out, e = _soft_sums(softcap, smoothing, *args)
-    return stacked(out), (*args, e if save_exp else None)
+    return stacked(out), (*args, e if exp == "saved" else None)
 
 
-def _soft_partial_bwd(softcap, smoothing, save_exp, fields, residuals, ct):
+def _soft_partial_bwd(softcap, smoothing, exp, fields, residuals, ct):
     logits, targets, m, class_weights, logit_mask, e = residuals
+    if exp == "recomputed apart":
+        logits, logit_mask = _own_copy(logits, logit_mask)
     grads = soft_grad(unstacked(fields, ct), logits, targets, m, class_weights, logit_mask,
                       softcap, smoothing, e)  # fmt: skip
     return *grads, None, None, None
@@ -747,7 +783,7 @@ def soft_stats(
         top = jnp.where(kept(z), targets.astype(best.dtype), -jnp.inf)
         target_best, target_first = row_max(top, offset)
     partial = soft_partial(logits, targets, safe_shift(best), class_weights, logit_mask,
-                           softcap, smoothing)  # fmt: skip
+                           softcap, smoothing, apart=True)  # fmt: skip
     return partial, best, first, target_best, target_first
 
 

@@ -84,3 +84,64 @@ def test_sharding_suite_measures_the_gathered_logits():
     assert hlo.largest(baseline, "all-gather") == n * c * 4
     assert hlo.largest(jaxent_, "all-gather") == 0
     assert hlo.total_bytes(jaxent_) <= 8 * 4 * n  # a few floats per position
+
+
+# A hand-written compiled module of a loss on x: f32[8,16]: a reduction reads x; a
+# gather behind an elementwise chain reads 8 of its elements; the gradient fusion reads
+# x and writes a gradient; a scatter updates that in place; a kernel reads x.
+PASSES_HLO = """\
+HloModule m
+
+%fused_reduce (p0: f32[8,16]) -> f32[8] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %z = f32[] constant(0)
+  ROOT %r = f32[8]{0} reduce(%p0, %z), dimensions={1}, to_apply=%add
+}
+
+%fused_gather (p0.1: s32[8,2], p1.1: f32[8,16]) -> f32[8] {
+  %p0.1 = s32[8,2]{1,0} parameter(0)
+  %p1.1 = f32[8,16]{1,0} parameter(1)
+  %e = f32[8,16]{1,0} exponential(%p1.1)
+  %g = f32[8,1]{1,0} gather(%e, %p0.1), offset_dims={1}, slice_sizes={1,1}
+  ROOT %b = f32[8]{0} bitcast(%g)
+}
+
+%fused_grad (p0.2: f32[8,16], p1.2: f32[8]) -> f32[8,16] {
+  %p0.2 = f32[8,16]{1,0} parameter(0)
+  %p1.2 = f32[8]{0} parameter(1)
+  %bc = f32[8,16]{1,0} broadcast(%p1.2), dimensions={0}
+  ROOT %m = f32[8,16]{1,0} multiply(%p0.2, %bc)
+}
+
+%fused_scatter (p0.3: f32[8,16], p1.3: s32[8,2]) -> f32[8,16] {
+  %p0.3 = f32[8,16]{1,0} parameter(0)
+  %p1.3 = s32[8,2]{1,0} parameter(1)
+  %u = f32[8,1]{1,0} constant({...})
+  ROOT %s = f32[8,16]{1,0} scatter(%p0.3, %p1.3, %u), update_window_dims={1}, to_apply=%add
+}
+
+ENTRY %main (x: f32[8,16], i: s32[8,2]) -> (f32[8,16], f32[8]) {
+  %x = f32[8,16]{1,0} parameter(0)
+  %i = s32[8,2]{1,0} parameter(1)
+  %red = f32[8]{0} fusion(%x), kind=kInput, calls=%fused_reduce
+  %lab = f32[8]{0} fusion(%i, %x), kind=kLoop, calls=%fused_gather
+  %grad = f32[8,16]{1,0} fusion(%x, %red), kind=kLoop, calls=%fused_grad
+  %sc = f32[8,16]{1,0} fusion(%grad, %i), kind=kInput, calls=%fused_scatter
+  %k = (f32[8]{0}, f32[8]{0}) custom-call(%x), custom_call_target="kernel"
+  ROOT %t = (f32[8,16]{1,0}, f32[8]{0}) tuple(%sc, %lab)
+}
+"""
+
+
+def test_hlo_passes_counts_whole_array_reads_and_writes():
+    from benchmarks import hlo
+
+    total, lines = hlo.passes(PASSES_HLO, "8,16")
+    assert total == 4  # reduce 1 read; grad 1 read + 1 write; kernel 1 read
+    assert lines == [
+        "fusion red: 1 read, 0 write",
+        "fusion grad: 1 read, 1 write",
+        "custom-call k: 1 read, 0 write",
+    ]
+    # the indices are read whole, by the gather (its second operand) and the scatter
+    assert hlo.passes(PASSES_HLO, "8,2")[0] == 2

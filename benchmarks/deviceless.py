@@ -1,0 +1,273 @@
+"""Compile for an H100 on a machine without one: XLA's deviceless ahead-of-time path.
+
+    pip install "jax[cuda12]"        # the CUDA plugin; no GPU or driver needed
+    python -m benchmarks.deviceless [--out DIR] [--target h100]
+
+`jax.experimental.topologies` describes the GPU from its properties (`TARGETS`, XLA's
+GpuTargetConfig text format) and `jit(...).lower(...).compile()` runs XLA's whole GPU
+pipeline for it: fusion, scheduling, buffer assignment, and Triton's compilation of
+the Pallas kernels for sm_90 (a tile that overflows the SM's shared memory fails here
+as it would on the device). jaxent's Python-level choices (block sizes, the kernel
+choice) read `jax.default_backend()`, which is "cpu" here, so it is patched to "gpu"
+for the duration, as on the device.
+
+What it measures, without a GPU:
+- memory: the compiled temp of `linear_cross_entropy`'s forward + backward at the LM
+  heads in bfloat16 (`benchmarks.memory`'s table), as the GPU compiler assigns it;
+- kernels: every Pallas kernel of jaxent, with every option, compiles for the target
+  (and each call's temp); the tiles of `python -m benchmarks.sweep` that compile.
+What it cannot: times (nothing runs), and the GEMM autotuner's picks (deviceless
+compilation takes XLA's default configurations; a cuBLAS workspace may differ).
+Writes deviceless.md and deviceless.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Published properties of an H100 SXM5 80GB (sm_90): 132 SMs, 228 KiB shared memory per
+# SM of which 227 KiB per block (opt-in), 50 MiB L2, 3.35 TB/s.
+H100 = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32
+  shared_memory_per_block: 49152 shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  cuda_compute_capability { major: 9 minor: 0 }
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 9 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+# name -> (jax platform, jaxent's backend name, how to describe the device). A GPU is
+# described by its properties (needs jax's CUDA plugin); a TPU by a topology name that
+# libtpu knows (needs `pip install "jax[tpu]"`), compiled for one of its chips.
+TARGETS = {
+    "h100": ("cuda", "gpu", H100),
+    "v5p": ("tpu", "tpu", "v5p:2x2x1"),
+}
+
+
+@contextlib.contextmanager
+def compile_only(target: str = "h100"):
+    """Within: shape-only inputs placed with the yielded sharding compile for `target`
+    (one device of it), and jaxent decides as on that backend. Must run before any JAX
+    backend starts."""
+    from jax._src import xla_bridge
+    from jax.experimental import topologies
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("compile_only() must run before JAX starts a backend")
+    jax.config.update("jax_platforms", "cpu")  # the plugin then only compiles
+    platform, backend, description = TARGETS[target]
+    if platform == "tpu":
+        topology = topologies.get_topology_desc(description, platform="tpu")
+    else:
+        topology = topologies.get_topology_desc(
+            platform=platform, target_config=description, topology="1x1x1"
+        )
+    mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("d",))
+    with mock.patch.object(jax, "default_backend", return_value=backend):
+        yield jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def compiled(fn, shapes, sharding):
+    """`jit(value_and_grad(fn))` compiled for the target; `shapes`: (shape, dtype) pairs,
+    the first argument differentiated."""
+    args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
+    return jax.jit(jax.value_and_grad(fn)).lower(*args).compile()
+
+
+def kernel_cases():
+    """(name, loss of shape-only args, arg shapes, Triton kernels it must contain)."""
+    import jaxent
+
+    n, c = 8192, 128256
+    options = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    weights = ((c,), jnp.float32)
+    cases = []
+    for dtype in (jnp.bfloat16, jnp.float32):
+        logits, labels, tag = ((n, c), dtype), ((n,), jnp.int32), jnp.dtype(dtype).name
+        cases += [
+            (f"cross_entropy {tag}", jaxent.cross_entropy, [logits, labels], 1),
+            (f"cross_entropy {tag}, all options",
+             lambda z, y, w: jaxent.cross_entropy(z, y, class_weights=w, **options),
+             [logits, labels, weights], 1),
+            (f"soft_cross_entropy {tag}, smoothing, z-loss, softcap",
+             lambda z, t: jaxent.soft_cross_entropy(z, t, label_smoothing=0.1, z_loss=1e-4,
+                                                    softcap=30.0),
+             [logits, logits], 1),
+        ]  # fmt: skip
+    cases.append(("cross_entropy float32, classifier N=65536 C=1000", jaxent.cross_entropy,
+                  [((65536, 1000), jnp.float32), ((65536,), jnp.int32)], 1))  # fmt: skip
+
+    def head(**kw):
+        return lambda x, w, y, b: jaxent.linear_cross_entropy(
+            x, w, y, bias=b, implementation="pallas", **kw
+        )
+
+    for name, (d, v) in {"Llama-3": (4096, 128256), "Gemma-2": (2304, 256000)}.items():
+        for dtype in (jnp.float32, jnp.bfloat16):
+            shapes = [((n, d), dtype), ((v, d), dtype), ((n,), jnp.int32), ((v,), dtype)]
+            tag = f"{name} {jnp.dtype(dtype).name}"
+            cases.append((f"linear_cross_entropy pallas {tag}, bias", head(), shapes, 2))
+        # bfloat16 (the last shapes); "none" with a sum: the backward's arbitrary cotangents
+        every = head(reduction="none", **options)
+        cases.append((f"linear_cross_entropy pallas {tag}, all options, reduction=none",
+                      lambda *a, every=every: every(*a).sum(), shapes, 2))  # fmt: skip
+    return cases
+
+
+def check(name, fn, shapes, kernels, sharding) -> dict:
+    row = {"case": name, "shapes": [[list(s), jnp.dtype(d).name] for s, d in shapes]}
+    try:
+        exe = compiled(fn, shapes, sharding)
+    except Exception as err:  # a kernel that does not compile: recorded, not fatal
+        return {**row, "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    found = exe.as_text().count('custom_call_target="__gpu$xla.gpu.triton"')
+    row.update(ok=found >= kernels, triton_kernels=found,
+               temp_bytes=exe.memory_analysis().temp_size_in_bytes)  # fmt: skip
+    if not row["ok"]:
+        row["error"] = f"expected {kernels} Triton kernels, found {found}"
+    return row
+
+
+def tile_cases():
+    """The fused-head tiles of `python -m benchmarks.sweep pallas` (Llama-3, bf16) and the
+    forward kernel's of `... sweep row_stats`."""
+    import jaxent
+    import jaxent.pallas
+
+    from .sweep import PALLAS, ROW_STATS_TILES
+
+    n, d, v = 8192, 4096, 128256
+    cases = []
+    for block, (rows, classes, depth) in PALLAS:
+
+        def loss(x, w, y, block=block, tile=(rows, classes, depth)):
+            with jaxent.pallas.tiles(block_rows=tile[0], block_classes=tile[1],
+                                     block_depth=tile[2]):  # fmt: skip
+                return jaxent.linear_cross_entropy(x, w, y, implementation="pallas",
+                                                   block_size=block)  # fmt: skip
+
+        shapes = [((n, d), jnp.bfloat16), ((v, d), jnp.bfloat16), ((n,), jnp.int32)]
+        cases.append((f"pallas block={block} tile={(rows, classes, depth)}", loss, shapes, 2))
+    for rows, classes in ROW_STATS_TILES:
+
+        def loss(z, y, tile=(rows, classes)):
+            with jaxent.pallas.tiles(block_rows=tile[0], block_classes=tile[1]):
+                return jaxent.cross_entropy(z, y, implementation="pallas")
+
+        shapes = [((n, v), jnp.bfloat16), ((n,), jnp.int32)]
+        cases.append((f"row_stats rows={rows} classes={classes}", loss, shapes, 1))
+    return cases
+
+
+def traffic_cases():
+    """(name, loss, arg shapes) of the plain losses: `benchmarks.plain`'s implementations
+    at its GPU shapes, and jaxent's with every option."""
+    import jaxent
+
+    from .plain import IMPLEMENTATIONS
+    from .shapes import PLAIN
+
+    options = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    fns = {k: f for k, f in IMPLEMENTATIONS.items() if "sharded" not in k}
+    fns["jaxent, all options"] = lambda z, y: jaxent.cross_entropy(z, y, **options)
+    fns["jaxent xla, all options"] = lambda z, y: jaxent.cross_entropy(
+        z, y, implementation="xla", **options
+    )
+    return [(f"{name}", fn, [((n, c), jnp.dtype(dtype)), ((n,), jnp.int32)])
+            for n, c, dtype in PLAIN["gpu"] for name, fn in fns.items()]  # fmt: skip
+
+
+def traffic(name, fn, shapes, sharding) -> dict:
+    """Whole-logits reads + writes of the compiled forward + backward (`hlo.passes`)."""
+    from . import hlo
+
+    (n, c), dtype = shapes[0]
+    try:
+        exe = compiled(fn, shapes, sharding)
+    except NotImplementedError as err:  # "jaxent pallas" off CUDA
+        print(f"{name}: skipped ({str(err)[:120]})")
+        return None
+    total, lines = hlo.passes(exe.as_text(), f"{n},{c}")
+    return {"case": name, "N": n, "C": c, "dtype": dtype.name, "passes": total,
+            "model_ratio": total / 2, "instructions": lines}  # fmt: skip
+
+
+def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=()) -> str:
+    from . import memory
+
+    lines = [memory.markdown(memory_rows, label)]
+    if kernel_rows or tile_rows:
+        header = "| case | compiles | Triton kernels | temp MiB |\n|---|---|---|---|"
+        lines += ["", f"Kernels compiled for {label}:", "", header]
+    for r in kernel_rows + tile_rows:
+        temp = f"{r['temp_bytes'] / 2**20:.0f}" if "temp_bytes" in r else ""
+        status = "yes" if r["ok"] else f"no: {r['error'][:80]}"
+        lines.append(f"| {r['case']} | {status} | {r.get('triton_kernels', '')} | {temp} |")
+    if traffic_rows:
+        caption = (f"Plain losses, forward + backward compiled for {label}: whole-logits "
+                   "reads + writes (`benchmarks.hlo.passes`, arrays of the logits' shape in "
+                   "any dtype); the floor, one read + one write, is 2. A model of a "
+                   "bandwidth-bound step, not a time.")  # fmt: skip
+        lines += ["", caption, "", "| loss | N | C | dtype | passes | ÷ floor |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in traffic_rows:
+            lines.append(f"| {r['case']} | {r['N']} | {r['C']} | {r['dtype']} | {r['passes']} "
+                         f"| {r['model_ratio']:.1f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.deviceless", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--target", choices=sorted(TARGETS), default="h100")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--skip", nargs="*", choices=["memory", "kernels", "tiles", "traffic"],
+                   default=[])  # fmt: skip
+    args = p.parse_args(argv)
+    from . import memory
+
+    skip = set(args.skip) | (set() if TARGETS[args.target][0] == "cuda" else {"kernels", "tiles"})
+    with compile_only(args.target) as sharding:
+        label = (f"{args.target} (compile only, deviceless), jax {jax.__version__}, "
+                 "bfloat16 unless stated")  # fmt: skip
+        parts = {}
+        parts["memory"] = [] if "memory" in skip else memory.run(sharding=sharding)
+        for part, cases in (("kernels", kernel_cases), ("tiles", tile_cases)):
+            parts[part] = [] if part in skip else [
+                check(*case, sharding) for case in cases()
+            ]  # fmt: skip
+            for r in parts[part]:
+                print(f"{r['case']}: {'ok' if r['ok'] else r['error']}", flush=True)
+        rows = [] if "traffic" in skip else [traffic(*c, sharding) for c in traffic_cases()]
+        parts["traffic"] = [r for r in rows if r is not None]
+    text = markdown(label, *parts.values())
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "deviceless.md").write_text(text)
+        (args.out / "deviceless.json").write_text(json.dumps({"target": label, **parts}, indent=2))
+    failed = [r["case"] for r in parts["kernels"] if not r["ok"]]
+    if failed:
+        raise SystemExit(f"{len(failed)} kernel case(s) do not compile: {failed}")
+
+
+if __name__ == "__main__":
+    main()
