@@ -53,6 +53,7 @@ class Static(NamedTuple):
     with_argmax: bool  # only for aux.accuracy
     sub_blocks: int = 1  # "chunked": strided sub-blocks per block of tokens
     fused: object = None  # "pallas": lean's scheme, these fused-head kernels' Config
+    group: int = 1  # "lean": runs of classes kept together in its blocks (`blocks`)
 
 
 class Operands(NamedTuple):

@@ -15,7 +15,8 @@ over devices (`jax.jit` with a `NamedSharding` on V), every block is split the s
 way and each device works on its own rows, where contiguous blocks would each live on
 one device and make XLA all-gather `w`. Labels are mapped to "block-ordered" ids
 (`block_order`: block i covers i Bv .. i Bv + Bv - 1), so the shared helpers of
-`_stable` still see contiguous ids.
+`_stable` still see contiguous ids. On a TPU the strides are runs of 8 classes
+(`Static.group`, `api.vocab_group`), so that blocks are made of whole (8, 128) tiles.
 
 Memory: one (N, Bv) block of float32 logits and its gradient, plus the dx
 accumulator — no (V, D) float32 copy of w. Cost: 4 matmuls (the logits twice).
@@ -58,7 +59,7 @@ class Operands(NamedTuple):
     (`blocks.strided_blocks`): x (N, D); w (Bv, nb, D); bias, class_weights (Bv, nb) or
     None; class_mask (Bv, nb) — False on padding; labels (N,) block-ordered ids
     (`block_order`); position_mask (N,); logit_mask (N, Bv, nb) or None; ls, zl as in
-    chunked."""
+    chunked. With `Static.group` g > 1 each Bv axis is (Bv / g, nb, g) instead."""
 
     x: jax.Array
     w: jax.Array
@@ -72,34 +73,51 @@ class Operands(NamedTuple):
     zl: jax.Array | None
 
 
-def block_order(labels: jax.Array, vocab: int, num_blocks: int, block: int) -> jax.Array:
+def block_order(
+    labels: jax.Array, vocab: int, num_blocks: int, block: int, group: int = 1
+) -> jax.Array:
     """Global class ids -> block-ordered ids. With V local classes per vocabulary shard,
-    class c is local class c % V of shard c // V and sits at [j, i] = divmod(c % V, nb)
-    of its shard's blocks; its block-ordered id is (c // V) nb Bv + i Bv + j. Ids outside
-    [0, V * shards) stay outside [0, nb Bv * shards), so they still give NaN."""
+    class c is local class c % V of shard c // V; in runs of g (`group`), its run
+    q, k = divmod(c % V, g) sits at [j, i] = divmod(q, nb) of its shard's blocks, so
+    its block-ordered id is (c // V) nb Bv + i Bv + j g + k. Ids outside [0, V * shards)
+    stay outside [0, nb Bv * shards), so they still give NaN."""
     shard, local = jnp.divmod(labels, vocab)
-    j, i = jnp.divmod(local, num_blocks)
-    return shard * (num_blocks * block) + i * block + j
+    run, k = jnp.divmod(local, group)
+    j, i = jnp.divmod(run, num_blocks)
+    return shard * (num_blocks * block) + i * block + j * group + k
 
 
-def _block(ops: Operands, i):
+def _block_size(st: Static, ops: Operands) -> int:
+    return ops.w.shape[0] * st.group
+
+
+def _local_classes(st: Static, ops: Operands) -> int:
+    """Classes of this shard's blocks, padding included."""
+    return _block_size(st, ops) * _num_blocks(ops)
+
+
+def _block(st: Static, ops: Operands, i):
     """Block i: its first block-ordered id and its slices of the per-class operands."""
 
+    def take(a, axis=1):
+        return take_block(a, i, axis, st.group)
+
     return (
-        i * ops.w.shape[0],
-        take_block(ops.w, i),
-        take_block(ops.bias, i),
-        take_block(ops.class_weights, i),
-        take_block(ops.class_mask, i),
-        take_block(ops.logit_mask, i, axis=2),
+        i * _block_size(st, ops),
+        take(ops.w),
+        take(ops.bias),
+        take(ops.class_weights),
+        take(ops.class_mask),
+        take(ops.logit_mask, axis=2),
     )
 
 
-def _class_id(ops: Operands, ordered):
+def _class_id(st: Static, ops: Operands, ordered):
     """This shard's class id of a block-ordered id (`block_order` without the shard)."""
-    block, num_blocks = ops.w.shape[0], ops.w.shape[1]
-    i, j = jnp.divmod(ordered % (block * num_blocks), block)
-    return j * num_blocks + i
+    block, num_blocks = _block_size(st, ops), _num_blocks(ops)
+    i, in_block = jnp.divmod(ordered % (block * num_blocks), block)
+    j, k = jnp.divmod(in_block, st.group)
+    return (j * num_blocks + i) * st.group + k
 
 
 def _num_blocks(ops: Operands) -> int:
@@ -112,7 +130,7 @@ def _mask_and_offset(st: Static, ops: Operands, logits, offset, mb, lmb):
     mask = jnp.broadcast_to(mb, logits.shape)
     if lmb is not None:
         mask = mask & lmb
-    return mask, offset + class_offset(ops.w.shape[0] * ops.w.shape[1], st.vocab_axis_name)
+    return mask, offset + class_offset(_local_classes(st, ops), st.vocab_axis_name)
 
 
 def _prepare(st: Static, ops: Operands, logits, offset, mb, lmb):
@@ -132,7 +150,7 @@ def _finish(st: Static, ops: Operands, total: Partial, best, first) -> Rows:
         best,
         first,
         ops.labels,
-        num_classes_global(ops.w.shape[0] * ops.w.shape[1], st.vocab_axis_name),
+        num_classes_global(_local_classes(st, ops), st.vocab_axis_name),
         position_mask=ops.position_mask,
         ignore_index=st.ignore_index,
         label_smoothing=pick(st.label_smoothing, ops.ls),
@@ -140,13 +158,13 @@ def _finish(st: Static, ops: Operands, total: Partial, best, first) -> Rows:
     )
 
 
-def _kernel_operands(ops: Operands, i):
+def _kernel_operands(st: Static, ops: Operands, i):
     """(`fused_head.Operands` of block i, the block's first block-ordered id): labels
     local to the block, per-class operands in float32, w in x's dtype. ("pallas" has
     no vocabulary shards, so the id needs no shard offset.)"""
     from ..pallas import fused_head
 
-    offset, wb, bb, cwb, mb, lmb = _block(ops, i)
+    offset, wb, bb, cwb, mb, lmb = _block(st, ops, i)
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
     bias = None if bb is None else bb.astype(jnp.float32)
     weights = None if cwb is None else cwb.astype(jnp.float32)
@@ -160,7 +178,7 @@ def _kernel_stats(st: Static, ops: Operands, i):
     sums come at the block's own shift and are moved to the running one."""
     from ..pallas import fused_head
 
-    block, offset = _kernel_operands(ops, i)
+    block, offset = _kernel_operands(st, ops, i)
     config = st.fused._replace(smoothing=_smoothing(st, ops), with_argmax=st.with_argmax)
     out = fused_head.block_stats(config, block)
     own = safe_shift(out.best)
@@ -179,7 +197,7 @@ def _kernel_grad(st: Static, ops: Operands, i, ct_sums: Partial, m):
 
     config = st.fused._replace(smoothing=_smoothing(st, ops), with_argmax=False)
     ct = fused_head.Cotangents(ct_sums.s, ct_sums.z_label, ct_sums.below_max, m)
-    return fused_head.block_grad(config, _kernel_operands(ops, i)[0], ct)
+    return fused_head.block_grad(config, _kernel_operands(st, ops, i)[0], ct)
 
 
 def _statistics(st: Static, ops: Operands):
@@ -190,7 +208,7 @@ def _statistics(st: Static, ops: Operands):
     def step(carry, i):
         total, best, first = carry
         if st.fused is None:
-            offset, wb, bb, cwb, mb, lmb = _block(ops, i)
+            offset, wb, bb, cwb, mb, lmb = _block(st, ops, i)
             z, offset = _prepare(st, ops, project(ops.x, wb, bb), offset, mb, lmb)
             block_best, block_first = row_max(z, offset, st.with_argmax)
 
@@ -200,7 +218,7 @@ def _statistics(st: Static, ops: Operands):
             block_best, block_first, block_sums = _kernel_stats(st, ops, i)
         if first is not None:
             # Blocks are strided: block order is not class order.
-            smaller = _class_id(ops, block_first) < _class_id(ops, first)
+            smaller = _class_id(st, ops, block_first) < _class_id(st, ops, first)
             first = merge_first(best, first, block_best, block_first, smaller)
 
         total, best = online_add(total, best, block_best, block_sums)
@@ -253,7 +271,7 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
 
     def block_grad(carry, i):
         dx, dw, db = carry
-        offset, wb, bb, cwb, mb, lmb = _block(ops, i)
+        offset, wb, bb, cwb, mb, lmb = _block(st, ops, i)
 
         def block_sums(lg):
             # Through the one-pass backward that `cross_entropy` uses.
@@ -271,10 +289,10 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
         dx = dx + jnp.dot(dl, wb, preferred_element_type=acc)
         dwb = lax.dot_general(dl, ops.x, (((0,), (0,)), ((), ())), preferred_element_type=acc)
         dwb = sum_to_primal_axes(dwb, ops.w).astype(ops.w.dtype)
-        dw = put_block(dw, dwb, i)
+        dw = put_block(dw, dwb, i, group=st.group)
         if db is not None:
             dbb = sum_to_primal_axes(dbias, ops.bias)
-            db = put_block(db, dbb.astype(ops.bias.dtype), i)
+            db = put_block(db, dbb.astype(ops.bias.dtype), i, group=st.group)
         return (dx, dw, db), None
 
     dx0 = varying_like(jnp.zeros(ops.x.shape, acc), refs)

@@ -14,6 +14,7 @@ import jaxent
 
 from .. import oracles
 from ..kernels import kernel_mode
+from .grouping import grouped
 
 F32 = jnp.float32
 # Each case of the shared suite: (implementation, block_size) — several blocks over the
@@ -22,6 +23,8 @@ CASES = {
     "chunked": ("chunked", 8),
     "chunked sub-blocks": ("chunked", (8, 2)),
     "lean": ("lean", 32),
+    # Runs of 4 classes per strided block (a TPU's layout, `grouping`), V padded to 208.
+    "lean grouped": ("lean", 16),
     "default": (None, None),
     # The fused-head kernels (`_pallas_kernels`: interpreted without a GPU): blocks of
     # 100 classes (V padded to 300), 32-class tiles, 16-row tiles over the 37 positions.
@@ -38,8 +41,25 @@ def _pallas_kernels(request):
     if "pallas" in (params.get("case"), params.get("impl")):
         with kernel_mode(block_rows=16, block_classes=32):
             yield
+    elif params.get("case") == "lean grouped":
+        with grouped(4):
+            yield
     else:
         yield
+
+
+def test_grouped_lean_views_w_in_runs():
+    """The "lean grouped" case does run grouped: `w` (203 classes in 13 blocks of 16,
+    padded to 208) is viewed as 4 runs x 13 blocks x 4 classes; ungrouped, 16 x 13."""
+
+    def shapes(group):
+        x, w, labels, _ = make(0)
+        with grouped(group):
+            return str(jax.make_jaxpr(lambda x, w: jaxent.linear_cross_entropy(
+                x, w, labels, implementation="lean", block_size=16))(x, w))  # fmt: skip
+
+    assert "f32[4,13,4,16]" in shapes(4)
+    assert "f32[4,13,4,16]" not in shapes(1) and "f32[16,13,16]" in shapes(1)
 
 
 def make(seed, lead=(37,), d=16, v=203, dtype=F32):

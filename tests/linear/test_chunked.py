@@ -13,6 +13,7 @@ from jaxent.linear.api import (
     default_sub_block,
     default_vocab_block_size,
     dividing_block,
+    vocab_group,
 )
 
 D, V = 256, 32000
@@ -67,6 +68,13 @@ def test_dividing_block():
     assert dividing_block(131071, 2048) == 2048  # prime: nothing divides it, V is padded
     assert dividing_block(203, 8192) == 203
     assert default_vocab_block_size(8192, 128256, "gpu") == 2004
+    # A TPU's blocks are made of runs of 8 classes: the largest divisor of V in
+    # [block / 2, block] that 8 divides (128256 = 96 x 1336), else any divisor.
+    assert dividing_block(128256, 2048, multiple=8) == 1336
+    assert default_vocab_block_size(8192, 128256, "tpu") == 1336
+    assert dividing_block(203, 32, multiple=8) == 29  # no multiple of 8 divides 203
+    assert (vocab_group(1336, "tpu"), vocab_group(2004, "tpu"), vocab_group(29, "tpu")) == (8, 4, 1)
+    assert vocab_group(2048, "gpu") == vocab_group(2048, "cpu") == 1
 
 
 def test_forward_only_does_no_gradient_work():

@@ -27,6 +27,7 @@ from benchmarks import hlo
 
 from .. import oracles
 from ..sharded import Case, assert_same, in_shard_map, mesh, single_device, under_jit
+from .grouping import grouped
 
 F32 = jnp.float32
 N, D, V = 32, 16, 208  # V: 26 classes per device on 1x8, 52 on 2x4
@@ -145,6 +146,17 @@ def test_jit_on_named_sharding_equals_single_device(name, impl, mesh_shape, expl
     assert_nothing_gathered(found, mesh_shape[1])
     if explicit:
         assert_one_sum_per_step(found, mesh_shape, len(case.reductions))
+
+
+def test_grouped_lean_under_jit_on_named_sharding():
+    """Grouped "lean", runs of 4 classes (a TPU's blocks): `w` (208 rows, 4 devices on the
+    vocabulary axis) is viewed as 4 runs x 13 blocks x 4, split by run — still nothing
+    gathered, and the single-device result."""
+    with grouped(4):
+        case = OPTION_SETS[A]("lean")
+        got, found = under_jit(case, (2, 4), False, oracle(A))
+    assert_same(got, oracle(A))
+    assert_nothing_gathered(found, 4)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "lean"])
