@@ -126,7 +126,9 @@ def test_matches_reference(case, name, reduction):
         assert oracles.rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# Grouping changes only which classes a block holds (`test_matches_reference`), not
+# the derivative rules: its second derivatives are those of "lean".
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"lean grouped"}))
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_second_derivatives_match_reference(case, reduction):
     """Hessian-vector products in (x, w, bias) jointly, forward over reverse and reverse
