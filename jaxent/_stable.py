@@ -694,12 +694,13 @@ def soft_sums(z, t, m, w, smoothing: bool, e=None) -> SoftPartial:
     )
 
 
-def soft_partial(logits, targets, m, class_weights, logit_mask, softcap, smoothing, apart=False):
+def soft_partial(logits, targets, m, class_weights, logit_mask, softcap, smoothing):
     """`soft_sums(prepare_logits(logits, ...), targets, ...)` with a backward that writes
     the gradients of the logits and of the targets in one elementwise pass (`soft_grad`);
-    exp(z - m) is saved on CPU and recomputed elsewhere, `apart` as in `logit_partial`."""
+    exp(z - m) is saved on CPU and recomputed elsewhere, apart (`logit_partial`): its
+    logits are always an input of the loss."""
     args = (logits, targets, lax.stop_gradient(m), class_weights, logit_mask)
-    return _exp_saved_on_cpu(_soft_partial, _soft_sums, softcap, smoothing, args, apart)
+    return _exp_saved_on_cpu(_soft_partial, _soft_sums, softcap, smoothing, args, apart=True)
 
 
 def _soft_sums(softcap, smoothing, logits, targets, m, class_weights, logit_mask):
@@ -783,7 +784,7 @@ def soft_stats(
         top = jnp.where(kept(z), targets.astype(best.dtype), -jnp.inf)
         target_best, target_first = row_max(top, offset)
     partial = soft_partial(logits, targets, safe_shift(best), class_weights, logit_mask,
-                           softcap, smoothing, apart=True)  # fmt: skip
+                           softcap, smoothing)  # fmt: skip
     return partial, best, first, target_best, target_first
 
 
