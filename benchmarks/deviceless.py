@@ -1,21 +1,27 @@
-"""Compile for an H100 on a machine without one: XLA's deviceless ahead-of-time path.
+"""Compile for an H100 or a TPU v5p on a machine without one: XLA's deviceless
+ahead-of-time path.
 
     pip install "jax[cuda12]"        # the CUDA plugin; no GPU or driver needed
     python -m benchmarks.deviceless [--out DIR] [--target h100]
+    pip install "jax[tpu]"           # libtpu; no TPU needed
+    python -m benchmarks.deviceless --target v5p [--out DIR]
 
-`jax.experimental.topologies` describes the GPU from its properties (`TARGETS`, XLA's
-GpuTargetConfig text format) and `jit(...).lower(...).compile()` runs XLA's whole GPU
-pipeline for it: fusion, scheduling, buffer assignment, and Triton's compilation of
-the Pallas kernels for sm_90 (a tile that overflows the SM's shared memory fails here
-as it would on the device). jaxent's Python-level choices (block sizes, the kernel
-choice) read `jax.default_backend()`, which is "cpu" here, so it is patched to "gpu"
-for the duration, as on the device.
+`jax.experimental.topologies` describes the device (`TARGETS`: a GPU by its
+properties in XLA's GpuTargetConfig text format, a TPU by a topology name libtpu
+knows) and `jit(...).lower(...).compile()` runs XLA's whole pipeline for it: fusion,
+scheduling, buffer assignment, and the compilation of the Pallas kernels — by Triton
+for sm_90 (a tile that overflows the SM's shared memory fails here as it would on the
+device), by Mosaic for the TPU (likewise a block that overflows vector memory).
+jaxent's Python-level choices (block sizes, the kernel choice) read
+`jax.default_backend()`, which is "cpu" here, so it is patched to "gpu" or "tpu" for
+the duration, as on the device.
 
-What it measures, without a GPU:
+What it measures, without the device:
 - memory: the compiled temp of `linear_cross_entropy`'s forward + backward at the LM
-  heads in bfloat16 (`benchmarks.memory`'s table), as the GPU compiler assigns it;
-- kernels: every Pallas kernel of jaxent, with every option, compiles for the target
-  (and each call's temp); the tiles of `python -m benchmarks.sweep` that compile.
+  heads in bfloat16 (`benchmarks.memory`'s table), as the target's compiler assigns it;
+- kernels: every Pallas kernel of jaxent for the target, with every option, compiles
+  (and each call's temp); on the GPU also the tiles of `python -m benchmarks.sweep`;
+- traffic: the logits-sized reads and writes of the plain losses (`hlo.passes`).
 What it cannot: times (nothing runs), and the GEMM autotuner's picks (deviceless
 compilation takes XLA's default configurations; a cuBLAS workspace may differ).
 Writes deviceless.md and deviceless.json under --out.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 from pathlib import Path
 from unittest import mock
@@ -92,28 +99,36 @@ def compiled(fn, shapes, sharding):
     return jax.jit(jax.value_and_grad(fn)).lower(*args).compile()
 
 
-def kernel_cases():
-    """(name, loss of shape-only args, arg shapes, Triton kernels it must contain)."""
+def kernel_cases(platform: str = "cuda"):
+    """(name, loss of shape-only args, arg shapes, kernels it must contain): the plain
+    losses' row-statistics kernel (Triton for "cuda", Mosaic for "tpu") and, for
+    "cuda", the fused head's kernels."""
     import jaxent
 
     n, c = 8192, 128256
     options = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
     weights = ((c,), jnp.float32)
+
+    def pallas(fn):
+        return functools.partial(fn, implementation="pallas")
+
     cases = []
     for dtype in (jnp.bfloat16, jnp.float32):
         logits, labels, tag = ((n, c), dtype), ((n,), jnp.int32), jnp.dtype(dtype).name
         cases += [
-            (f"cross_entropy {tag}", jaxent.cross_entropy, [logits, labels], 1),
+            (f"cross_entropy {tag}", pallas(jaxent.cross_entropy), [logits, labels], 1),
             (f"cross_entropy {tag}, all options",
-             lambda z, y, w: jaxent.cross_entropy(z, y, class_weights=w, **options),
+             lambda z, y, w: pallas(jaxent.cross_entropy)(z, y, class_weights=w, **options),
              [logits, labels, weights], 1),
             (f"soft_cross_entropy {tag}, smoothing, z-loss, softcap",
-             lambda z, t: jaxent.soft_cross_entropy(z, t, label_smoothing=0.1, z_loss=1e-4,
-                                                    softcap=30.0),
+             lambda z, t: pallas(jaxent.soft_cross_entropy)(
+                 z, t, label_smoothing=0.1, z_loss=1e-4, softcap=30.0),
              [logits, logits], 1),
         ]  # fmt: skip
-    cases.append(("cross_entropy float32, classifier N=65536 C=1000", jaxent.cross_entropy,
+    cases.append(("cross_entropy float32, classifier N=65536 C=1000", pallas(jaxent.cross_entropy),
                   [((65536, 1000), jnp.float32), ((65536,), jnp.int32)], 1))  # fmt: skip
+    if platform != "cuda":
+        return cases
 
     def head(**kw):
         return lambda x, w, y, b: jaxent.linear_cross_entropy(
@@ -132,17 +147,22 @@ def kernel_cases():
     return cases
 
 
+# The custom calls of compiled Pallas kernels: Triton on a GPU, Mosaic on a TPU.
+KERNEL_CALLS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
+
+
 def check(name, fn, shapes, kernels, sharding) -> dict:
     row = {"case": name, "shapes": [[list(s), jnp.dtype(d).name] for s, d in shapes]}
     try:
         exe = compiled(fn, shapes, sharding)
     except Exception as err:  # a kernel that does not compile: recorded, not fatal
         return {**row, "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-    found = exe.as_text().count('custom_call_target="__gpu$xla.gpu.triton"')
-    row.update(ok=found >= kernels, triton_kernels=found,
+    text = exe.as_text()
+    found = sum(text.count(f'custom_call_target="{t}"') for t in KERNEL_CALLS)
+    row.update(ok=found >= kernels, kernels=found,
                temp_bytes=exe.memory_analysis().temp_size_in_bytes)  # fmt: skip
     if not row["ok"]:
-        row["error"] = f"expected {kernels} Triton kernels, found {found}"
+        row["error"] = f"expected {kernels} Pallas kernels, found {found}"
     return row
 
 
@@ -191,6 +211,9 @@ def traffic_cases():
     fns["jaxent xla, all options"] = lambda z, y: jaxent.cross_entropy(
         z, y, implementation="xla", **options
     )
+    fns["jaxent pallas, all options"] = lambda z, y: jaxent.cross_entropy(
+        z, y, implementation="pallas", **options
+    )
     return [(f"{name}", fn, [((n, c), jnp.dtype(dtype)), ((n,), jnp.int32)])
             for n, c, dtype in PLAIN["gpu"] for name, fn in fns.items()]  # fmt: skip
 
@@ -215,12 +238,13 @@ def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=()) -> str
 
     lines = [memory.markdown(memory_rows, label)]
     if kernel_rows or tile_rows:
-        header = "| case | compiles | Triton kernels | temp MiB |\n|---|---|---|---|"
+        header = "| case | compiles | Pallas kernels | temp MiB |\n|---|---|---|---|"
         lines += ["", f"Kernels compiled for {label}:", "", header]
     for r in kernel_rows + tile_rows:
         temp = f"{r['temp_bytes'] / 2**20:.0f}" if "temp_bytes" in r else ""
         status = "yes" if r["ok"] else f"no: {r['error'][:80]}"
-        lines.append(f"| {r['case']} | {status} | {r.get('triton_kernels', '')} | {temp} |")
+        found = r.get("kernels", r.get("triton_kernels", ""))
+        lines.append(f"| {r['case']} | {status} | {found} | {temp} |")
     if traffic_rows:
         caption = (f"Plain losses, forward + backward compiled for {label}: whole-logits "
                    "reads + writes (`benchmarks.hlo.passes`, arrays of the logits' shape in "
@@ -244,13 +268,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from . import memory
 
-    skip = set(args.skip) | (set() if TARGETS[args.target][0] == "cuda" else {"kernels", "tiles"})
+    platform = TARGETS[args.target][0]
+    skip = set(args.skip) | (set() if platform == "cuda" else {"tiles"})  # GPU sweeps
     with compile_only(args.target) as sharding:
         label = (f"{args.target} (compile only, deviceless), jax {jax.__version__}, "
                  "bfloat16 unless stated")  # fmt: skip
         parts = {}
         parts["memory"] = [] if "memory" in skip else memory.run(sharding=sharding)
-        for part, cases in (("kernels", kernel_cases), ("tiles", tile_cases)):
+        for part, cases in (("kernels", functools.partial(kernel_cases, platform)),
+                            ("tiles", tile_cases)):  # fmt: skip
             parts[part] = [] if part in skip else [
                 check(*case, sharding) for case in cases()
             ]  # fmt: skip

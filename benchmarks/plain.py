@@ -27,7 +27,8 @@ def naive_loss(x, y):
 IMPLEMENTATIONS = {
     "jaxent": lambda x, y: jaxent.cross_entropy(x, y),  # the Pallas kernel on CUDA, else XLA
     "jaxent xla": lambda x, y: jaxent.cross_entropy(x, y, implementation="xla"),
-    # GPU only: elsewhere it raises NotImplementedError and `measure` skips it with a notice.
+    # GPU and TPU only: on a CPU it raises NotImplementedError and `measure` skips it with a
+    # notice.
     "jaxent pallas": lambda x, y: jaxent.cross_entropy(x, y, implementation="pallas"),
     "jaxent sharded, 1 device": on_one_device(jaxent.cross_entropy, (LOGITS, POSITIONS)),
     "optax": lambda x, y: optax.losses.softmax_cross_entropy_with_integer_labels(x, y).mean(),

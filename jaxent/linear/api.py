@@ -251,6 +251,11 @@ def _lean(
 def _pallas(x, w, labels, *, options, block_size, kernel, **kwargs):
     """The scheme of "lean" with each block's logits formed on chip by the fused-head
     kernels (`jaxent.pallas.fused_head`); `kernel` is the `pallas.choose` of the call."""
+    if kernel.mosaic:
+        raise NotImplementedError(
+            "implementation='pallas' for linear_cross_entropy has no TPU kernel (its "
+            "kernels lower with Triton, for GPUs); use 'lean' or 'chunked' on a TPU."
+        )
     if options["vocab_axis_name"] is not None:
         raise NotImplementedError(
             "implementation='pallas' for linear_cross_entropy does not take "

@@ -1,23 +1,27 @@
-"""Pallas kernels: the GPU fast paths of `cross_entropy` and `soft_cross_entropy`, and
-how a call picks one.
+"""Pallas kernels: the GPU (and TPU) fast paths of `cross_entropy` and
+`soft_cross_entropy`, and how a call picks one.
 
-Import-guarded: if `jax.experimental.pallas` or its Triton module cannot be imported,
-`UNAVAILABLE` says why, every loss takes its XLA path, and nothing else changes.
+Import-guarded: if `jax.experimental.pallas` or its Triton or TPU module cannot be
+imported, `UNAVAILABLE` says why, every loss takes its XLA path, and nothing else
+changes.
 
 Which path a call takes (`choose`), for `implementation=`:
 - "xla": XLA everywhere.
-- "pallas": the kernel; `NotImplementedError` where it cannot serve (no GPU, float64
+- "pallas": the kernel of the backend — Triton on a GPU (`row_stats.py`), Mosaic on a
+  TPU (`row_stats_tpu.py`); `NotImplementedError` where none can serve (CPU, float64
   logits, Pallas missing) — except inside `interpret_mode()`, where it runs in the
   Pallas interpreter on any backend.
-- None: the kernel when the computation is lowered for CUDA, XLA for any other platform
-  (decided at lowering by `lax.platform_dependent`, so exporting for CUDA from a CPU
-  host gets the kernel); XLA for float64 logits.
+- None: the GPU kernel when the computation is lowered for CUDA, XLA for any other
+  platform (decided at lowering by `lax.platform_dependent`, so exporting for CUDA
+  from a CPU host gets the kernel); XLA for float64 logits. TPU stays on XLA until a
+  TPU timing shows its kernel ahead: compiled for a v5p it reads the logits once in
+  the forward where XLA reads them twice, but it has never run on one.
 
-The kernels lower with Triton (not Mosaic GPU, this jax's default GPU lowering): Triton
-has masked loads, so any class count and any number of rows run without padding
-copies, and it runs on the GPUs Triton supports (Ampere as well as Hopper, and ROCm),
-where Mosaic GPU targets Hopper and later with TMA-shaped tiles. The Triton kernel does
-not lower for TPU (Mosaic TPU): TPU takes the XLA path.
+The GPU kernels lower with Triton (not Mosaic GPU, this jax's default GPU lowering):
+Triton has masked loads, so any class count and any number of rows run without
+padding copies, and it runs on the GPUs Triton supports (Ampere as well as Hopper, and
+ROCm), where Mosaic GPU targets Hopper and later with TMA-shaped tiles. Triton does
+not lower for TPU: the TPU kernel is the same computation in Mosaic TPU's block form.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ import jax.numpy as jnp
 
 try:
     from jax.experimental import pallas as _pallas  # noqa: F401
+    from jax.experimental.pallas import tpu as _tpu  # noqa: F401
     from jax.experimental.pallas import triton as _triton  # noqa: F401
 except Exception as err:  # ImportError, or a jax build whose Pallas fails to load
-    UNAVAILABLE: str | None = f"jax.experimental.pallas.triton cannot be imported ({err})"
+    UNAVAILABLE: str | None = f"jax.experimental.pallas cannot be imported ({err})"
 else:
     UNAVAILABLE = None
 
@@ -44,8 +49,9 @@ class Kernel(NamedTuple):
 
     auto: pick by platform at lowering (the kernel on CUDA, XLA elsewhere);
     interpret: run in the Pallas interpreter; block_rows / block_classes: tile
-    overrides (None: `row_stats.tile_sizes`, `fused_head.tile_sizes`); block_depth: the
-    hidden size per step of the fused-head kernels' matmul loop (None: theirs).
+    overrides (None: `row_stats.tile_sizes`, `fused_head.tile_sizes`,
+    `row_stats_tpu.tile_sizes`); block_depth: the hidden size per step of the
+    fused-head kernels' matmul loop (None: theirs); mosaic: the TPU kernel.
     """
 
     auto: bool = False
@@ -53,6 +59,7 @@ class Kernel(NamedTuple):
     block_rows: int | None = None
     block_classes: int | None = None
     block_depth: int | None = None
+    mosaic: bool = False  # the TPU kernel (Mosaic) instead of the GPU one (Triton)
 
 
 _INTERPRET: contextvars.ContextVar[Kernel | None] = contextvars.ContextVar(
@@ -66,6 +73,7 @@ def interpret_mode(
     block_rows: int | None = None,
     block_classes: int | None = None,
     block_depth: int | None = None,
+    platform: str = "gpu",
 ):
     """Within this context, jaxent's Pallas kernels run in the Pallas interpreter.
 
@@ -76,14 +84,19 @@ def interpret_mode(
     keeps the mode it was traced in. `block_rows` / `block_classes` (powers of two)
     override the tile sizes, so small inputs can exercise several tiles, and
     `block_depth` the hidden size per matmul step of `linear_cross_entropy`'s kernels
-    (which take no tile below 16, Triton's smallest dot). Slow: for tests.
+    (which take no tile below 16, Triton's smallest dot). `platform="tpu"` interprets
+    the TPU kernel of `cross_entropy` / `soft_cross_entropy` instead of the GPU one
+    (`linear_cross_entropy` has no TPU kernel: "pallas" raises `NotImplementedError`
+    there). Slow: for tests.
     Inside `shard_map`, the interpreter needs `check_vma=False` (a limitation of
     jax's Pallas interpreter; compiled kernels do not).
 
         with jaxent.pallas.interpret_mode(block_classes=16):
             loss = jaxent.cross_entropy(logits, labels, implementation="pallas")
     """
-    with _mode(True, block_rows, block_classes, block_depth):
+    if platform not in ("gpu", "tpu"):
+        raise ValueError(f"`platform` must be 'gpu' or 'tpu', got {platform!r}.")
+    with _mode(True, block_rows, block_classes, block_depth, platform == "tpu"):
         yield
 
 
@@ -103,12 +116,14 @@ def tiles(
 
 
 @contextlib.contextmanager
-def _mode(interpret: bool, block_rows, block_classes, block_depth):
+def _mode(interpret: bool, block_rows, block_classes, block_depth, mosaic=None):
     sizes = dict(block_rows=block_rows, block_classes=block_classes, block_depth=block_depth)
     for name, value in sizes.items():
         if value is not None and (value < 1 or value & (value - 1)):
             raise ValueError(f"`{name}` must be a power of two, got {value}.")
-    token = _INTERPRET.set(Kernel(False, interpret, **sizes))
+    if mosaic is None:  # compiled kernels: the backend's
+        mosaic = jax.default_backend() == "tpu"
+    token = _INTERPRET.set(Kernel(False, interpret, **sizes, mosaic=mosaic))
     try:
         yield
     finally:
@@ -122,11 +137,10 @@ def _why_not(dtype, interpret: bool) -> str | None:
     if dtype == jnp.float64:
         return "float64 logits: the kernel computes in float32; use implementation='xla'"
     backend = jax.default_backend()
-    if not interpret and backend != "gpu":
+    if not interpret and backend not in ("gpu", "tpu"):
         return (
-            f"the Pallas kernel lowers with Triton for GPUs, and the backend is {backend!r}"
-            " (TPU and CPU take the XLA path: implementation='xla' or None; tests use"
-            " jaxent.pallas.interpret_mode())"
+            f"the Pallas kernels lower for GPUs and TPUs, and the backend is {backend!r}"
+            " (use implementation='xla' or None; tests use jaxent.pallas.interpret_mode())"
         )
     return None
 
@@ -145,7 +159,7 @@ def choose(implementation: str | None, dtype) -> Kernel | None:
     if implementation == "pallas":
         if reason is not None:
             raise NotImplementedError(f"implementation='pallas' cannot serve this call: {reason}.")
-        return mode or Kernel()
+        return mode or Kernel(mosaic=jax.default_backend() == "tpu")
     if UNAVAILABLE is not None or dtype == jnp.float64:
         return None
     return mode if interpret else (mode or Kernel())._replace(auto=True)
@@ -165,6 +179,8 @@ def stats_for(kernel: Kernel | None, soft: bool = False):
     else:
         fn = row_stats.kernel_soft_stats if soft else row_stats.kernel_stats
     tiles = dict(block_rows=kernel.block_rows, block_classes=kernel.block_classes)
+    if not kernel.auto:  # auto: the GPU kernel, on CUDA only
+        tiles["mosaic"] = kernel.mosaic
     return functools.partial(fn, interpret=kernel.interpret, **tiles)
 
 

@@ -60,7 +60,7 @@ from .._stable import (
     safe_shift,
 )
 from ..linear.reference import project
-from .row_stats import Config, _argmax_step, _like
+from .row_stats import Config, _like, argmax_step
 
 MIN_TILE = 16  # Triton's dot needs every side >= 16
 # (rows, classes, depth) per tile: a common Triton matmul tile for Hopper, unmeasured
@@ -193,7 +193,7 @@ def _stats_kernel(*refs, n, v, d, tiles, per, config: Config):
             return class_sums(z, m, cw, config.smoothing)._replace(**labelled)
 
         sums, best = online_add(sums, best, jnp.max(z, axis=-1), tile_sums)
-        arg = None if arg is None else _argmax_step(arg, z, t.col)
+        arg = None if arg is None else argmax_step(arg, z, t.col)
         return best, sums, arg
 
     zeros = jnp.zeros((bn,), jnp.float32)

@@ -1,4 +1,5 @@
-"""Row statistics of categorical logits in one read: a Pallas kernel (Triton lowering).
+"""Row statistics of categorical logits in one read: a Pallas kernel (Triton lowering;
+`row_stats_tpu.py` is the same computation for Mosaic TPU, chosen by `Config.mosaic`).
 
 `kernel_stats` has the signature and results of `_stable.logit_stats` (integer
 labels), `kernel_soft_stats` those of `_stable.soft_stats` (probability targets): this
@@ -73,6 +74,7 @@ class Config(NamedTuple):
     block_rows: int | None
     block_classes: int | None
     block_depth: int | None = None  # fused head: hidden size per matmul step
+    mosaic: bool = False  # the TPU kernel (`row_stats_tpu.py`) instead of Triton's
 
 
 class Out(NamedTuple):
@@ -95,7 +97,7 @@ def tile_sizes(n: int, c: int, config: Config) -> tuple[int, int]:
     return min(block_rows, pl.next_power_of_2(n)), block_classes
 
 
-def _argmax_step(arg, z, col):
+def argmax_step(arg, z, col):
     """Running first argmax over tiles, as XLA's argmax: NaN beats every number, ties
     go to the smaller id. arg = (key: max so far, NaN once a NaN was seen; first)."""
     key, first = arg
@@ -138,9 +140,9 @@ def _kernel(x_ref, t_ref, mask_ref, w_ref, out: Out, *, n, c, block_rows, block_
             t = load(t_ref, cols, ok, 0.0).astype(z.dtype)
             tile_sums = functools.partial(soft_sums, z, t, w=w, smoothing=config.smoothing)
             if target_arg is not None:
-                target_arg = _argmax_step(target_arg, jnp.where(kept(z), t, -jnp.inf), col)
+                target_arg = argmax_step(target_arg, jnp.where(kept(z), t, -jnp.inf), col)
         sums, best = online_add(sums, best, jnp.max(z, axis=-1), tile_sums)
-        arg = None if arg is None else _argmax_step(arg, z, col)
+        arg = None if arg is None else argmax_step(arg, z, col)
         return best, sums, arg, target_arg
 
     zeros = jnp.zeros((block_rows,), jnp.float32)
@@ -169,8 +171,9 @@ def _launch(config: Config, x, t, mask, weights) -> Out:
     """The kernel on (N, C) logits; (N, C) targets, (N, C) mask and (C,) float32
     weights, each or None. Sums come back with the label fields of `Partial` None."""
     n, c = x.shape
-    block_rows, block_classes = tile_sizes(n, c, config)
-    row, ids = _like(x, (n,), jnp.float32), _like(x, (n,), jnp.int32)
+    # Mosaic writes (N, 1) columns (`row_stats_tpu`), Triton (N,) rows.
+    shape = (n, 1) if config.mosaic else (n,)
+    row, ids = _like(x, shape, jnp.float32), _like(x, shape, jnp.int32)
     extra = dict(kw_sum=row, below_max=row, count=row) if config.smoothing else {}
     if t is None:
         sums = Partial(s=row, z_label=None, label_hits=None, **extra)
@@ -179,6 +182,11 @@ def _launch(config: Config, x, t, mask, weights) -> Out:
     argmax = config.with_argmax
     out_shape = Out(row, ids if argmax else None, sums,
                     *(row, ids) if argmax and t is not None else (None, None))  # fmt: skip
+    if config.mosaic:
+        from . import row_stats_tpu
+
+        return row_stats_tpu.call(config, x, t, mask, weights, out_shape)
+    block_rows, block_classes = tile_sizes(n, c, config)
     kernel = functools.partial(
         _kernel, n=n, c=c, block_rows=block_rows, block_classes=block_classes, config=config
     )
@@ -280,11 +288,14 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 
 
 def kernel_stats(logits, labels, offset, class_weights, logit_mask, *, softcap, smoothing,
-                 with_argmax, interpret=False, block_rows=None, block_classes=None):  # fmt: skip
+                 with_argmax, interpret=False, block_rows=None, block_classes=None,
+                 mosaic=False):  # fmt: skip
     """`_stable.logit_stats` with the forward in one Pallas kernel; same shapes and
     results. `interpret` runs the kernel in the Pallas interpreter (any backend);
-    `block_rows` / `block_classes` (powers of two) override `tile_sizes`."""
-    config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes)
+    `block_rows` / `block_classes` (powers of two) override `tile_sizes`; `mosaic`
+    takes the TPU kernel (`row_stats_tpu`) instead of the Triton one."""
+    config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes,
+                    mosaic=mosaic)  # fmt: skip
     args = (logits, labels, offset, class_weights, logit_mask)
     fields = structure_of(lambda *a: _forward(config, *a)[0], *args)
     partial, best, first = _stats(config, fields, *args)
@@ -323,10 +334,11 @@ _soft_stats.defvjp(_soft_stats_fwd, _soft_stats_bwd)
 
 def kernel_soft_stats(logits, targets, offset, class_weights, logit_mask, *, softcap,
                       smoothing, with_argmax, interpret=False, block_rows=None,
-                      block_classes=None):  # fmt: skip
+                      block_classes=None, mosaic=False):  # fmt: skip
     """`_stable.soft_stats` with the forward in one Pallas kernel (reads the logits and
     the targets once); options as in `kernel_stats`."""
-    config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes)
+    config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes,
+                    mosaic=mosaic)  # fmt: skip
     args = (logits, targets, offset, class_weights, logit_mask)
     fields = structure_of(lambda *a: _soft_forward(config, *a)[0], *args)
     sums, *rest = _soft_stats(config, fields, *args)

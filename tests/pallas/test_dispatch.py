@@ -26,9 +26,9 @@ def test_unknown_implementation_is_a_clear_error(fn, bad):
         fn(X, y, implementation=bad)
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the kernel serves on a GPU")
-def test_pallas_without_a_gpu_says_why():
-    expected = f"lowers with Triton for GPUs.*'{jax.default_backend()}'"
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a kernel serves on GPU and TPU")
+def test_pallas_on_a_cpu_says_why():
+    expected = "lower for GPUs and TPUs, and the backend is 'cpu'"
     with pytest.raises(NotImplementedError, match=expected):
         jaxent.cross_entropy(X, Y, implementation="pallas")
     with pytest.raises(NotImplementedError, match=expected):
@@ -77,10 +77,50 @@ def test_tiles_context_keeps_the_platform_choice_and_checks_sizes():
     platform, never interpreted, and "pallas" still refuses a CPU backend."""
     with jaxent.pallas.tiles(block_rows=32, block_classes=64):
         kernel = jaxent.pallas.choose(None, jnp.bfloat16)
-        assert kernel == jaxent.pallas.Kernel(True, False, 32, 64, None)
+        assert kernel == jaxent.pallas.Kernel(True, False, 32, 64, None, mosaic=False)
         if jax.default_backend() == "cpu":
             with pytest.raises(NotImplementedError, match="backend is 'cpu'"):
                 jaxent.pallas.choose("pallas", jnp.bfloat16)
     expected = "`block_depth` must be a power of two, got 48"
     with pytest.raises(ValueError, match=expected), jaxent.pallas.tiles(block_depth=48):
         pass
+
+
+def test_interpret_mode_for_tpu_runs_the_mosaic_kernel_through_the_public_losses():
+    """`interpret_mode(platform="tpu")`: the losses take the TPU kernel (16-row x
+    128-class blocks over 37 x 300 logits: ragged in both) with the whole wrapper and
+    custom VJP, and equal the XLA path in value, aux and gradient for every option."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (37, 300), jnp.float32) * 3
+    y = jax.random.randint(jax.random.PRNGKey(1), (37,), 0, 300).at[0].set(-100)
+    t = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (37, 300)), axis=-1)
+    weights = jax.random.uniform(jax.random.PRNGKey(3), (300,), jnp.float32, 0.2, 2.0)
+    where = (jax.random.uniform(jax.random.PRNGKey(4), (37, 300)) > 0.2) | (t > 0.01)
+    common = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, class_weights=weights)
+    cases = [
+        (jaxent.cross_entropy, y, dict(common, ignore_index=-100, where=where)),
+        (jaxent.soft_cross_entropy, t, dict(common, where=where)),
+    ]
+    for fn, other, opts in cases:
+
+        def run(implementation, fn=fn, other=other, opts=opts):
+            def loss(x):
+                return fn(x, other, implementation=implementation, return_aux=True, **opts)
+
+            return jax.value_and_grad(loss, has_aux=True)(x)
+
+        with interpret_mode(platform="tpu", block_rows=16, block_classes=128):
+            traced = jax.make_jaxpr(lambda x: run("pallas"))(x)
+            assert "jaxent_row_stats_tpu" in str(traced)
+            got = run("pallas")
+        want = run("xla")
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_interpret_mode_platform_is_checked_and_the_head_has_no_tpu_kernel():
+    expected = "`platform` must be 'gpu' or 'tpu', got 'cpu'"
+    with pytest.raises(ValueError, match=expected), interpret_mode(platform="cpu"):
+        pass
+    w = jnp.zeros((10, 3), jnp.float32)
+    with interpret_mode(platform="tpu"), pytest.raises(NotImplementedError, match="no TPU"):
+        jaxent.linear_cross_entropy(jnp.zeros((4, 3), jnp.float32), w, Y, implementation="pallas")

@@ -109,10 +109,44 @@ def test_vocab_sharded_kernel_lowers_inside_shard_map():
 
 
 def test_tpu_takes_the_xla_path():
-    """The Triton kernel does not lower for TPU (Mosaic TPU); the default choice gives
-    TPU the XLA path, with no Pallas call in its module."""
+    """The default choice gives TPU the XLA path, with no Pallas call in its module (its
+    Mosaic kernel is opt-in until timed on a TPU: `jaxent.pallas`)."""
     x = spec((64, 1000), jnp.bfloat16)
     text = lowered(loss_and_grad, "tpu", x, spec((64,), jnp.int32))
     assert kernel_calls(text) == 0 and "tpu_custom_call" not in text
     soft = lowered(lambda x, t: jaxent.soft_cross_entropy(x, t), "tpu", x, x)
     assert kernel_calls(soft) == 0 and "tpu_custom_call" not in soft
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,options",
+    [
+        ((8192, 128256), jnp.bfloat16, ALL),  # the benchmark shape of the GPU issue
+        ((7, 37), jnp.float32, {"where": True, "weights": True, "label_smoothing": 0.2}),
+    ],
+)
+def test_pallas_on_tpu_lowers_to_the_mosaic_kernel(monkeypatch, shape, dtype, options):
+    """implementation="pallas" as on a TPU: the forward is one Mosaic kernel (Pallas'
+    TPU lowering runs here, with x64 on: no 64-bit value may reach it). Mosaic's own
+    compilation needs libtpu (`python -m benchmarks.deviceless --target v5p`)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the choice as on a TPU
+    options = dict(options)
+    x, y = spec(shape, dtype), spec(shape[:-1], jnp.int32)
+    extra = []
+    if options.pop("where", False):
+        extra.append(spec(shape, jnp.bool_))
+    if options.pop("weights", False):
+        extra.append(spec(shape[-1:], jnp.float32))
+
+    def fn(x, y, *extra):
+        where, weights = (extra + (None, None))[:2]
+        kw = dict(options, where=where, class_weights=weights, implementation="pallas")
+        return loss_and_grad(x, y, **kw)
+
+    text = lowered(fn, "tpu", x, y, *extra)
+    assert text.count("tpu_custom_call") == 1 and kernel_calls(text) == 0
+
+    def soft(x, t):
+        return jax.grad(lambda x: jaxent.soft_cross_entropy(x, t, implementation="pallas"))(x)
+
+    assert lowered(soft, "tpu", x, x).count("tpu_custom_call") == 1
