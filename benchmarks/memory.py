@@ -51,11 +51,13 @@ def temp_bytes(impl, n, d, v, dtype, block, sharding=None) -> int:
 IMPLEMENTATIONS = ("chunked", "lean", "pallas", "xla")  # "pallas": CUDA GPUs only
 
 
-def chunked_blocks(n: int, v: int, backend: str = "gpu") -> tuple[int, int]:
+def chunked_blocks(n: int, v: int, backend: str = "gpu", itemsize: int = 2) -> tuple[int, int]:
     """What "chunked" picks on `backend` for bfloat16 inputs: (tokens per block, per
-    sub-block)."""
+    sub-block). With `itemsize` 4 (the CPU proxy's float32 inputs) the block stays
+    whole, as for any float32 matmul: its gradient then overwrites its logits, where
+    sub-blocks would add a float32 buffer that the bfloat16 run does not have."""
     block = default_block_size(n, v, backend, itemsize=2)
-    return block, default_sub_block(block, v, backend, itemsize=2)
+    return block, default_sub_block(block, v, backend, itemsize=itemsize)
 
 
 def run(tokens=TOKENS, implementations=IMPLEMENTATIONS, sharding=None) -> list[dict]:
@@ -66,7 +68,7 @@ def run(tokens=TOKENS, implementations=IMPLEMENTATIONS, sharding=None) -> list[d
     for head, (d, v) in HEADS.items():
         for n in tokens:
             blocks = {
-                "chunked (default)": chunked_blocks(n, v, backend),
+                "chunked (default)": chunked_blocks(n, v, backend, jnp.dtype(dtype).itemsize),
                 "lean": default_vocab_block_size(n, v, backend),
                 "pallas": default_vocab_block_size(n, v, backend),
                 "xla": None,

@@ -75,7 +75,7 @@ _VOCAB_BLOCK_BYTES = {"cpu": 8 << 20, "gpu": 64 << 20, "tpu": 64 << 20}
 # tiles an array's two minor dimensions by (8, 128), and runs of 8 rows of `w` keep
 # each block made of whole tiles (compiled for a v5p, Llama-3 head, N=8192, bf16:
 # 2138 MiB temp with single rows — `w` and dw re-laid out — and 130 MiB with runs of 8
-# in blocks of 1336 classes).
+# in blocks of 1336 classes; 129 MiB in today's blocks of 768, `VOCAB_SHARDS`).
 _VOCAB_GROUP = {"tpu": 8}
 
 
@@ -88,11 +88,20 @@ def vocab_group(block: int, backend: str | None = None) -> int:
     return group
 
 
+# Runs per block that "lean" prefers a multiple of (`dividing_block`). Its blocks are
+# strided: `w` viewed as (runs, blocks, group, D), block i = [:, i]. When w's rows are
+# split over S devices and S divides the runs, that view is split like `w` itself;
+# otherwise XLA gathers all of `w` to form it (under jax.jit on NamedSharding inputs,
+# 4 vocabulary shards and blocks of 251 runs: every device gathered the whole of `w`).
+# 8 covers vocabulary splits over 2, 4 or 8 devices.
+VOCAB_SHARDS = 8
+
+
 def default_vocab_block_size(num_tokens: int, vocab: int, backend: str | None = None) -> int:
     """Classes per block for "lean": the most whose (N, Bv) float32 logits fit the
-    backend's budget (128 to 8192, at most V), lowered to a divisor of V when one lies
-    within a factor 2 (preferring a multiple of the backend's `vocab_group`): then `w`
-    is viewed as blocks with no padded copy of it."""
+    backend's budget (128 to 8192, at most V), lowered to a divisor of V (`dividing_block`,
+    with the backend's `vocab_group`): then `w` is viewed as blocks with no padded copy of
+    it, and split like `w` when w's rows are split over up to VOCAB_SHARDS devices."""
     backend = backend or jax.default_backend()
     budget = _VOCAB_BLOCK_BYTES.get(backend, _VOCAB_BLOCK_BYTES["gpu"])
     block = max(budget // (4 * max(num_tokens, 1)), 128)
@@ -100,15 +109,29 @@ def default_vocab_block_size(num_tokens: int, vocab: int, backend: str | None = 
 
 
 def dividing_block(vocab: int, block: int, largest: int | None = None, multiple: int = 1) -> int:
-    """`block` (at most `largest` and V), lowered to the largest divisor of V in
-    [block / 2, block] when there is one — the largest that is a multiple of `multiple`
-    if any is. A block that divides V lets "lean" view `w` as (Bv, nb, D) blocks in
-    place; otherwise V is padded, which copies `w`."""
+    """`block` (at most `largest` and V), lowered to a divisor of V when one is close:
+    by preference the largest divisor in [block / 2, block] — else [block / 4, block] —
+    whose runs (block / `multiple`, the group) are a multiple of VOCAB_SHARDS; else the
+    largest in [block / 2, block] that is a multiple of `multiple`; else any divisor
+    there; else `block` itself. A block that divides V lets "lean" view `w` as
+    (Bv, nb, D) blocks in place; otherwise V is padded, which copies `w`."""
     block = max(1, min(block, largest or block, vocab))
-    num_blocks = -(-vocab // block)
-    divisors = [vocab // k for k in range(num_blocks, 2 * num_blocks + 1) if vocab % k == 0]
-    aligned = [b for b in divisors if b % multiple == 0]
-    return (aligned or divisors or [block])[0]
+
+    def divisors(lowest):
+        return [vocab // k for k in range(-(-vocab // block), vocab // lowest + 1)
+                if vocab % k == 0]  # fmt: skip
+
+    near, far = divisors(max(1, -(-block // 2))), divisors(max(1, -(-block // 4)))
+    shardable = multiple * VOCAB_SHARDS
+    for found in (
+        [b for b in near if b % shardable == 0],
+        [b for b in far if b % shardable == 0],
+        [b for b in near if b % multiple == 0],
+        near,
+    ):
+        if found:
+            return found[0]
+    return block
 
 
 def _static(options: dict, return_aux: bool, sub_blocks: int = 1) -> chunked.Static:
@@ -418,8 +441,9 @@ def linear_cross_entropy(
         default `default_sub_block`): each block's logit gradient (block x V, matmul
         dtype) feeds the dx and dw matmuls, its float32 logits are formed a sub-block
         at a time. For "lean" and "pallas", classes per block (default
-        `default_vocab_block_size`; lowered to a divisor of V within a factor 2 when
-        there is one, so `w` is used in place).
+        `default_vocab_block_size`; lowered to a divisor of V by `dividing_block` when
+        one is close, so `w` is used in place — and split like `w` under jit when its
+        rows are split over up to 8 devices).
 
     Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32),
     not to `class_weights` or the scalar options. The matmuls run in the inputs'

@@ -63,17 +63,23 @@ def test_lean_uses_w_in_place_for_an_awkward_vocabulary(block_size):
 
 
 def test_dividing_block():
-    assert dividing_block(128256, 2048) == 2004
+    """Blocks divide V (no padded copy of w) and, by preference, their runs of `group`
+    classes come in multiples of 8 (w split over up to 8 devices splits every block)."""
+    # 128256 = 2^8 x 3 x 167: 2004 divides it, but 1336 = 8 x 167 is the largest
+    # multiple of 8 in [1024, 2048] that does.
+    assert dividing_block(128256, 2048) == default_vocab_block_size(8192, 128256, "gpu") == 1336
+    assert dividing_block(128256, 512) == 384  # N=32768 (501 divides V, but is odd)
     assert dividing_block(256000, 2048) == 2048
     assert dividing_block(131071, 2048) == 2048  # prime: nothing divides it, V is padded
     assert dividing_block(203, 8192) == 203
-    assert default_vocab_block_size(8192, 128256, "gpu") == 2004
-    # A TPU's blocks are made of runs of 8 classes: the largest divisor of V in
-    # [block / 2, block] that 8 divides (128256 = 96 x 1336), else any divisor.
-    assert dividing_block(128256, 2048, multiple=8) == 1336
-    assert default_vocab_block_size(8192, 128256, "tpu") == 1336
+    assert dividing_block(1000, 250) == 200  # 250 would be 250 runs
+    # A TPU's blocks are made of runs of 8 classes: 768 = 96 runs of 8, from [512, 2048]
+    # as [1024, 2048] has no divisor of V that 64 divides (1336 is 167 runs).
+    assert dividing_block(128256, 2048, multiple=8) == 768
+    assert default_vocab_block_size(8192, 128256, "tpu") == 768
+    assert dividing_block(208, 16, multiple=4) == 16  # no shardable runs: runs of 4 kept
     assert dividing_block(203, 32, multiple=8) == 29  # no multiple of 8 divides 203
-    assert (vocab_group(1336, "tpu"), vocab_group(2004, "tpu"), vocab_group(29, "tpu")) == (8, 4, 1)
+    assert (vocab_group(768, "tpu"), vocab_group(2004, "tpu"), vocab_group(29, "tpu")) == (8, 4, 1)
     assert vocab_group(2048, "gpu") == vocab_group(2048, "cpu") == 1
 
 

@@ -159,6 +159,17 @@ def test_grouped_lean_under_jit_on_named_sharding():
     assert_nothing_gathered(found, 4)
 
 
+def test_lean_blocks_are_split_like_w_under_jit():
+    """Asked for blocks of 26 classes (26 runs, over 4 vocabulary shards: XLA would gather
+    all of `w` to form the strided view), "lean" takes 16, whose runs the shards split
+    (`api.dividing_block`): nothing gathered, the single-device result."""
+    case = OPTION_SETS[A]("lean")
+    case = case._replace(options=dict(case.options, block_size=26))
+    got, found = under_jit(case, (2, 4), False, oracle(A))
+    assert_same(got, oracle(A))
+    assert_nothing_gathered(found, 4)
+
+
 @pytest.mark.parametrize("impl", ["chunked", "lean"])
 def test_vocabulary_split_over_both_mesh_axes(impl):
     """`vocab_axis_name` may be a tuple (w's rows split over the whole 2x4 mesh): the
