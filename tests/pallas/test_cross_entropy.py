@@ -236,10 +236,11 @@ def test_grad_of_vmap_over_labels_only_equals_loop():
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (CI simulates 8 CPUs)")
-def test_vocab_sharded_equals_single_device():
-    """Each shard's kernel gives local statistics; `combine_shards` merges them. (The
-    Pallas interpreter needs check_vma=False inside shard_map; compiled kernels do not,
-    see tests/pallas/test_lowering.py.)"""
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_vocab_sharded_equals_single_device(platform):
+    """Each shard's kernel (the GPU's or the TPU's) gives local statistics;
+    `combine_shards` merges them. (The Pallas interpreter needs check_vma=False inside
+    shard_map; compiled kernels do not, see tests/pallas/test_lowering.py.)"""
     mesh = jax.make_mesh((2,), ("v",), axis_types=(jax.sharding.AxisType.Auto,))
     x, labels = make(7, (6,), 40)
     x = x.at[0, :20].add(-400.0)  # shard 0's max is far below the global max
@@ -250,7 +251,7 @@ def test_vocab_sharded_equals_single_device():
         run = jax.shard_map(body, mesh=mesh, in_specs=P(None, "v"), out_specs=P(), check_vma=False)
         return jax.jit(jax.value_and_grad(run, has_aux=True))(x)
 
-    with interpret_mode(block_classes=8):
+    with interpret_mode(block_classes=8 if platform == "gpu" else 128, platform=platform):
         got = sharded(x, implementation="pallas")
     want = sharded(x, implementation="xla")
     assert_tree_close(got, want, rtol=1e-5)

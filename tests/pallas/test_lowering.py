@@ -94,18 +94,26 @@ def test_xla_choice_and_float64_lower_without_the_kernel():
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (CI simulates 8 CPUs)")
-def test_vocab_sharded_kernel_lowers_inside_shard_map():
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_vocab_sharded_kernel_lowers_inside_shard_map(monkeypatch, platform):
     """Compiled kernels run under shard_map's default check_vma=True: each output is
-    typed as varying like the logits."""
+    typed as varying like the logits (Triton's for CUDA, with the default choice;
+    Mosaic's for TPU, with "pallas")."""
     mesh = jax.make_mesh((4,), ("v",), axis_types=(jax.sharding.AxisType.Auto,))
+    implementation = None
+    if platform == "tpu":
+        monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+        implementation = "pallas"
 
     def body(x, y):
-        return jaxent.cross_entropy(x, y, vocab_axis_name="v", label_smoothing=0.1)
+        return jaxent.cross_entropy(
+            x, y, vocab_axis_name="v", label_smoothing=0.1, implementation=implementation
+        )
 
     run = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "v"), P()), out_specs=P())
     fn = jax.value_and_grad(run)
-    text = lowered(fn, "cuda", spec((64, 1024), jnp.bfloat16), spec((64,), jnp.int32))
-    assert kernel_calls(text) == 1
+    text = lowered(fn, platform, spec((64, 1024), jnp.bfloat16), spec((64,), jnp.int32))
+    assert kernel_calls(text) + text.count("tpu_custom_call") == 1
 
 
 def test_tpu_takes_the_xla_path():
