@@ -1,10 +1,12 @@
-"""`cross_entropy` through the Pallas kernel (interpreted on CPU) against the XLA path
+"""`cross_entropy` through the Pallas kernels (interpreted on CPU) against the XLA path
 and the float64 NumPy oracle: every option, odd sizes, values, aux and gradients.
 
 `jaxent.pallas.interpret_mode(...)` is the documented test hook: inside it the public
 function takes the kernel path (wrapper, custom VJP, dispatch) exactly as on a GPU,
 with the kernel run by the Pallas interpreter and small tiles so that every case
-crosses tiles and ends in a ragged tile and a ragged block of rows.
+crosses tiles and ends in a ragged tile and a ragged block of rows. Every test runs
+twice: through the GPU kernel, and with `platform="tpu"` through the TPU kernel (whose
+smallest blocks, 8 x 128, hold these classes whole; `test_row_stats.py` crosses them).
 """
 
 import jax
@@ -17,9 +19,17 @@ import jaxent
 from jaxent.pallas import interpret_mode
 
 from .. import oracles
+from ..kernels import PLATFORM_TILES
 
 F32 = jnp.float32
-TILES = dict(block_rows=4, block_classes=16)
+TILES = {}  # this test's interpret_mode arguments, set by `_platform`
+
+
+@pytest.fixture(autouse=True, params=sorted(PLATFORM_TILES))
+def _platform(request):
+    """Every test runs through the GPU kernel and through the TPU kernel."""
+    TILES.clear()
+    TILES.update(PLATFORM_TILES[request.param])
 
 
 def make(seed, shape, c, dtype=F32, scale=3.0):
@@ -236,8 +246,7 @@ def test_grad_of_vmap_over_labels_only_equals_loop():
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (CI simulates 8 CPUs)")
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_vocab_sharded_equals_single_device(platform):
+def test_vocab_sharded_equals_single_device():
     """Each shard's kernel (the GPU's or the TPU's) gives local statistics;
     `combine_shards` merges them. (The Pallas interpreter needs check_vma=False inside
     shard_map; compiled kernels do not, see tests/pallas/test_lowering.py.)"""
@@ -251,7 +260,7 @@ def test_vocab_sharded_equals_single_device(platform):
         run = jax.shard_map(body, mesh=mesh, in_specs=P(None, "v"), out_specs=P(), check_vma=False)
         return jax.jit(jax.value_and_grad(run, has_aux=True))(x)
 
-    with interpret_mode(block_classes=8 if platform == "gpu" else 128, platform=platform):
+    with interpret_mode(**TILES):
         got = sharded(x, implementation="pallas")
     want = sharded(x, implementation="xla")
     assert_tree_close(got, want, rtol=1e-5)

@@ -11,9 +11,17 @@ import jaxent
 from jaxent.pallas import interpret_mode
 
 from .. import oracles
+from ..kernels import PLATFORM_TILES
 
 F32 = jnp.float32
-TILES = dict(block_rows=4, block_classes=16)
+TILES = {}  # this test's interpret_mode arguments, set by `_platform`
+
+
+@pytest.fixture(autouse=True, params=sorted(PLATFORM_TILES))
+def _platform(request):
+    """Every test runs through the GPU kernel and through the TPU kernel."""
+    TILES.clear()
+    TILES.update(PLATFORM_TILES[request.param])
 
 
 def make(seed, n, c, dtype=F32):
