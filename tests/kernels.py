@@ -1,22 +1,36 @@
 """How tests run jaxent's Pallas kernels: in the Pallas interpreter on CPU (CI), compiled
-on a GPU (the device session), with the same small tiles either way."""
+on the kernel's own backend (a GPU's in the device session), with the same small tiles
+either way."""
 
 import jax
 
 from jaxent.pallas import interpret_mode, tiles
 
 
-def kernel_mode(**sizes):
-    """A context for a test of the kernels: `interpret_mode(**sizes)` without a GPU,
-    `tiles(**sizes)` (compiled) on one."""
-    return tiles(**sizes) if jax.default_backend() == "gpu" else interpret_mode(**sizes)
+def kernel_mode(platform: str = "gpu", **sizes):
+    """A context for a test of the kernels of `platform` ("gpu": Triton, "tpu":
+    Mosaic): `tiles(**sizes)` (compiled) on that backend, `interpret_mode(**sizes)`
+    anywhere else."""
+    if jax.default_backend() == platform:
+        return tiles(**sizes)
+    return interpret_mode(**sizes, platform=platform)
 
 
-# interpret_mode arguments of the suites that run the plain losses through both
-# kernels: the GPU kernel in 4-row x 16-class tiles, the TPU kernel in its smallest
-# blocks, 8 x 128 (crossing class blocks needs C > 128: test_row_stats and
-# test_dispatch have such sizes).
+# kernel_mode arguments of the suites that run the plain losses through both kernels:
+# the GPU kernel in 4-row x 16-class tiles, the TPU kernel in its smallest blocks,
+# 8 x 128 (crossing class blocks needs C > 128: test_row_stats and test_dispatch have
+# such sizes).
 PLATFORM_TILES = {
-    "gpu": dict(block_rows=4, block_classes=16),
-    "tpu": dict(block_rows=8, block_classes=128, platform="tpu"),
+    "gpu": dict(platform="gpu", block_rows=4, block_classes=16),
+    "tpu": dict(platform="tpu", block_rows=8, block_classes=128),
 }
+
+
+def skip_if_interpreted_on_an_accelerator(platform: str):
+    """On a GPU (or TPU) the device session checks the compiled kernel of that backend;
+    interpreting the other backend's kernel there repeats what CI does on CPU."""
+    import pytest
+
+    backend = jax.default_backend()
+    if backend != "cpu" and backend != platform:
+        pytest.skip(f"the {platform} kernel is interpreted in CI; here the {backend}'s runs")

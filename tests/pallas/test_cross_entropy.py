@@ -4,9 +4,10 @@ and the float64 NumPy oracle: every option, odd sizes, values, aux and gradients
 `jaxent.pallas.interpret_mode(...)` is the documented test hook: inside it the public
 function takes the kernel path (wrapper, custom VJP, dispatch) exactly as on a GPU,
 with the kernel run by the Pallas interpreter and small tiles so that every case
-crosses tiles and ends in a ragged tile and a ragged block of rows. Every test runs
-twice: through the GPU kernel, and with `platform="tpu"` through the TPU kernel (whose
-smallest blocks, 8 x 128, hold these classes whole; `test_row_stats.py` crosses them).
+crosses tiles and ends in a ragged tile and a ragged block of rows (`kernel_mode`: on
+a GPU the same tiles compiled). Every test runs twice: through the GPU kernel, and with
+`platform="tpu"` through the TPU kernel (whose smallest blocks, 8 x 128, hold these
+classes whole; `test_row_stats.py` crosses them).
 """
 
 import jax
@@ -16,18 +17,19 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxent
-from jaxent.pallas import interpret_mode
 
 from .. import oracles
-from ..kernels import PLATFORM_TILES
+from ..kernels import PLATFORM_TILES, kernel_mode, skip_if_interpreted_on_an_accelerator
 
 F32 = jnp.float32
-TILES = {}  # this test's interpret_mode arguments, set by `_platform`
+TILES = {}  # this test's kernel_mode arguments, set by `_platform`
 
 
 @pytest.fixture(autouse=True, params=sorted(PLATFORM_TILES))
 def _platform(request):
-    """Every test runs through the GPU kernel and through the TPU kernel."""
+    """Every test runs through the GPU kernel and through the TPU kernel (interpreted,
+    or compiled on its own backend)."""
+    skip_if_interpreted_on_an_accelerator(request.param)
     TILES.clear()
     TILES.update(PLATFORM_TILES[request.param])
 
@@ -43,7 +45,7 @@ def weights(c):
 
 
 def pallas(f, *args, **kw):
-    with interpret_mode(**TILES):
+    with kernel_mode(**TILES):
         return f(*args, implementation="pallas", **kw)
 
 
@@ -260,7 +262,7 @@ def test_vocab_sharded_equals_single_device():
         run = jax.shard_map(body, mesh=mesh, in_specs=P(None, "v"), out_specs=P(), check_vma=False)
         return jax.jit(jax.value_and_grad(run, has_aux=True))(x)
 
-    with interpret_mode(**TILES):
+    with kernel_mode(**TILES):
         got = sharded(x, implementation="pallas")
     want = sharded(x, implementation="xla")
     assert_tree_close(got, want, rtol=1e-5)

@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 
 import jaxent
-from jaxent.pallas import interpret_mode
 
 from .. import oracles
-from ..kernels import PLATFORM_TILES
+from ..kernels import PLATFORM_TILES, kernel_mode, skip_if_interpreted_on_an_accelerator
 
 F32 = jnp.float32
-TILES = {}  # this test's interpret_mode arguments, set by `_platform`
+TILES = {}  # this test's kernel_mode arguments, set by `_platform`
 
 
 @pytest.fixture(autouse=True, params=sorted(PLATFORM_TILES))
 def _platform(request):
-    """Every test runs through the GPU kernel and through the TPU kernel."""
+    """Every test runs through the GPU kernel and through the TPU kernel (interpreted,
+    or compiled on its own backend)."""
+    skip_if_interpreted_on_an_accelerator(request.param)
     TILES.clear()
     TILES.update(PLATFORM_TILES[request.param])
 
@@ -34,7 +35,7 @@ def make(seed, n, c, dtype=F32):
 def run(implementation, f, *args, **kw):
     if implementation == "xla":
         return f(*args, implementation="xla", **kw)
-    with interpret_mode(**TILES):
+    with kernel_mode(**TILES):
         return f(*args, implementation="pallas", **kw)
 
 
