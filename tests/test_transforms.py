@@ -17,7 +17,7 @@ from jax import lax
 import jaxent
 
 from . import oracles
-from .kernels import kernel_mode
+from .kernels import PLATFORM_TILES, kernel_mode
 
 F32 = jnp.float32
 K, B, C = 3, 5, 37  # microbatches, rows per microbatch, classes
@@ -49,10 +49,12 @@ def _bits(seed):
 
 
 # name -> (loss of (logits, other, reduction), the other argument, implementation).
-# The loss's logits and other argument carry a leading microbatch axis of K.
+# The loss's logits and other argument carry a leading microbatch axis of K. "pallas"
+# runs the GPU kernel, "pallas tpu" the TPU kernel (`PLATFORM_TILES`).
 PLAIN = {
     "cross_entropy": (jaxent.cross_entropy, _labels(1), CE_OPTIONS, "xla"),
     "cross_entropy pallas": (jaxent.cross_entropy, _labels(1), CE_OPTIONS, "pallas"),
+    "cross_entropy pallas tpu": (jaxent.cross_entropy, _labels(1), CE_OPTIONS, "pallas tpu"),
     "soft_cross_entropy": (
         jaxent.soft_cross_entropy,
         _probabilities(2),
@@ -80,9 +82,11 @@ def _plain(name):
     """(f(logits, other) -> summed loss, logits, other, context the call runs in)."""
     fn, other, opts, impl = PLAIN[name]
     opts = _class_weights(opts)
+    context = None
     if impl is not None:
-        opts["implementation"] = impl
-    context = kernel_mode(block_rows=4, block_classes=16) if impl == "pallas" else None
+        opts["implementation"], _, platform = impl.partition(" ")
+    if impl is not None and impl.startswith("pallas"):
+        context = kernel_mode(**PLATFORM_TILES[platform or "gpu"])
     return (
         lambda x, o: fn(x, o, reduction="sum", **opts),
         _logits(0),
