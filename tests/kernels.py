@@ -26,11 +26,20 @@ PLATFORM_TILES = {
 }
 
 
-def skip_if_interpreted_on_an_accelerator(platform: str):
-    """On a GPU (or TPU) the device session checks the compiled kernel of that backend;
-    interpreting the other backend's kernel there repeats what CI does on CPU."""
+def each_platform(tiles: dict):
+    """An autouse fixture for a test module: every test runs once per kernel
+    (`PLATFORM_TILES`), with `tiles` — the module's kernel_mode arguments — set to that
+    kernel's. On a GPU (or TPU) the other backend's kernel is skipped: interpreting it
+    there repeats what CI does on CPU, while the device session checks the compiled
+    kernel of its own backend."""
     import pytest
 
-    backend = jax.default_backend()
-    if backend != "cpu" and backend != platform:
-        pytest.skip(f"the {platform} kernel is interpreted in CI; here the {backend}'s runs")
+    @pytest.fixture(autouse=True, params=sorted(PLATFORM_TILES))
+    def _platform(request):
+        backend = jax.default_backend()
+        if backend not in ("cpu", request.param):
+            pytest.skip(f"the {request.param} kernel is interpreted in CI; here the {backend}'s")
+        tiles.clear()
+        tiles.update(PLATFORM_TILES[request.param])
+
+    return _platform

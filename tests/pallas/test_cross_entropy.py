@@ -19,19 +19,11 @@ from jax.sharding import PartitionSpec as P
 import jaxent
 
 from .. import oracles
-from ..kernels import PLATFORM_TILES, kernel_mode, skip_if_interpreted_on_an_accelerator
+from ..kernels import each_platform, kernel_mode
 
 F32 = jnp.float32
-TILES = {}  # this test's kernel_mode arguments, set by `_platform`
-
-
-@pytest.fixture(autouse=True, params=sorted(PLATFORM_TILES))
-def _platform(request):
-    """Every test runs through the GPU kernel and through the TPU kernel (interpreted,
-    or compiled on its own backend)."""
-    skip_if_interpreted_on_an_accelerator(request.param)
-    TILES.clear()
-    TILES.update(PLATFORM_TILES[request.param])
+TILES = {}  # this test's kernel_mode arguments: each test runs through both kernels
+_platform = each_platform(TILES)
 
 
 def make(seed, shape, c, dtype=F32, scale=3.0):
