@@ -66,6 +66,10 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 TARGETS = {
     "h100": ("cuda", "gpu", H100),
     "v5p": ("tpu", "tpu", "v5p:2x2x1"),
+    # Other TPU generations, for the kernel checks (`--skip memory traffic`).
+    "v4": ("tpu", "tpu", "v4:2x2x1"),
+    "v5e": ("tpu", "tpu", "v5e:2x2"),
+    "v6e": ("tpu", "tpu", "v6e:2x2"),
 }
 
 
@@ -236,7 +240,7 @@ def traffic(name, fn, shapes, sharding) -> dict:
 def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=()) -> str:
     from . import memory
 
-    lines = [memory.markdown(memory_rows, label)]
+    lines = [memory.markdown(memory_rows, label) if memory_rows else f"Compiled for {label}."]
     if kernel_rows or tile_rows:
         header = "| case | compiles | Pallas kernels | temp MiB |\n|---|---|---|---|"
         lines += ["", f"Kernels compiled for {label}:", "", header]
