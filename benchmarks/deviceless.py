@@ -66,7 +66,7 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 TARGETS = {
     "h100": ("cuda", "gpu", H100),
     "v5p": ("tpu", "tpu", "v5p:2x2x1"),
-    # Other TPU generations, for the kernel checks (`--skip memory traffic`).
+    # Other TPU generations, for the kernel and traffic checks (`--skip memory`).
     "v4": ("tpu", "tpu", "v4:2x2x1"),
     "v5e": ("tpu", "tpu", "v5e:2x2"),
     "v6e": ("tpu", "tpu", "v6e:2x2"),
