@@ -1,10 +1,11 @@
-"""Compile for an H100 or a TPU v5p on a machine without one: XLA's deviceless
-ahead-of-time path.
+"""Compile for an H100 or a TPU (v5p; v4, v5e, v6e for the kernels) on a machine without
+one: XLA's deviceless ahead-of-time path.
 
     pip install "jax[cuda12]"        # the CUDA plugin; no GPU or driver needed
     python -m benchmarks.deviceless [--out DIR] [--target h100]
     pip install "jax[tpu]"           # libtpu; no TPU needed
     python -m benchmarks.deviceless --target v5p [--out DIR]
+    python -m benchmarks.deviceless --target v6e --skip memory [--out DIR]
 
 `jax.experimental.topologies` describes the device (`TARGETS`: a GPU by its
 properties in XLA's GpuTargetConfig text format, a TPU by a topology name libtpu
@@ -247,8 +248,7 @@ def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=()) -> str
     for r in kernel_rows + tile_rows:
         temp = f"{r['temp_bytes'] / 2**20:.0f}" if "temp_bytes" in r else ""
         status = "yes" if r["ok"] else f"no: {r['error'][:80]}"
-        found = r.get("kernels", r.get("triton_kernels", ""))
-        lines.append(f"| {r['case']} | {status} | {found} | {temp} |")
+        lines.append(f"| {r['case']} | {status} | {r.get('kernels', '')} | {temp} |")
     if traffic_rows:
         caption = (f"Plain losses, forward + backward compiled for {label}: whole-logits "
                    "reads + writes (`benchmarks.hlo.passes`, arrays of the logits' shape in "

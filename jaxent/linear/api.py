@@ -117,11 +117,9 @@ def dividing_block(vocab: int, block: int, largest: int | None = None, multiple:
     (Bv, nb, D) blocks in place; otherwise V is padded, which copies `w`."""
     block = max(1, min(block, largest or block, vocab))
 
-    def divisors(lowest):
-        return [vocab // k for k in range(-(-vocab // block), vocab // lowest + 1)
-                if vocab % k == 0]  # fmt: skip
-
-    near, far = divisors(max(1, -(-block // 2))), divisors(max(1, -(-block // 4)))
+    lowest = max(1, -(-block // 4))
+    far = [vocab // k for k in range(-(-vocab // block), vocab // lowest + 1) if vocab % k == 0]
+    near = [b for b in far if 2 * b >= block]  # largest first, as `far`
     shardable = multiple * VOCAB_SHARDS
     for found in (
         [b for b in near if b % shardable == 0],
