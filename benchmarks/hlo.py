@@ -192,6 +192,41 @@ def _use(body, index: int) -> str:
     return uses.pop() if len(uses) == 1 else "full"
 
 
+def _array_traffic(comps, comp, pattern):
+    """(reads, writes, bytes, lines) of whole arrays matching `pattern` by the
+    instructions of computation `comp` (not descending into the computations it calls)."""
+    types = {name: typ for name, typ, _, _ in comps[comp]}
+    # Arrays of the pattern, and bitcasts of them (a transposed view is one).
+    matching = {name for name, typ in types.items() if pattern in typ}
+    for name, _, opcode, rest in comps[comp]:
+        if opcode == "bitcast" and _operands(rest)[:1] and _operands(rest)[0] in matching:
+            matching.add(name)
+    total = moved = 0
+    lines = []
+    for name, typ, opcode, rest in comps[comp]:
+        if opcode in _FREE:
+            continue
+        called = _CALLS.search(rest) if opcode == "fusion" else None
+        body = comps.get(called.group(2)) if called else None
+        reads = writes = read_bytes = 0
+        in_place = False
+        for i, operand in enumerate(_operands(rest)):
+            if operand not in matching:
+                continue
+            use = _use(body, i) if body else "full"
+            if use == "full":
+                reads += 1
+                read_bytes += shape_bytes(types[operand])
+            in_place |= use == "in place"
+        writes = typ.count(pattern) - in_place
+        if reads or writes:
+            total += reads + writes
+            written = [t for t in re.split(r",\s*(?=[a-z]+\d*\[)", typ) if pattern in t]
+            moved += read_bytes + sum(map(shape_bytes, written[in_place:]))
+            lines.append(f"{opcode} {name}: {reads} read, {writes} write")
+    return total, moved, lines
+
+
 def passes(hlo: str, dims: str) -> tuple[int, list[str]]:
     """Whole-array reads and writes of arrays of shape `dims` ("8192,128256") by the
     entry computation of a compiled module, and a line per instruction that makes any.
@@ -202,26 +237,34 @@ def passes(hlo: str, dims: str) -> tuple[int, list[str]]:
     dynamic-update-slice updates in place is neither read nor written whole. Arrays
     count whatever their dtype (a float32 copy of bfloat16 logits moves twice their
     bytes). Loops are not descended into: this is for straight-line programs such as
-    the plain losses."""
+    the plain losses (`loop_passes` is for loops over blocks)."""
     comps, entry = _parse(hlo)
-    types = {name: typ for name, typ, _, _ in comps[entry]}
-    pattern = f"[{dims}]"
-    total, lines = 0, []
-    for name, typ, opcode, rest in comps[entry]:
-        if opcode in _FREE:
-            continue
-        called = _CALLS.search(rest) if opcode == "fusion" else None
-        body = comps.get(called.group(2)) if called else None
-        reads = writes = 0
-        in_place = False
-        for i, operand in enumerate(_operands(rest)):
-            if pattern not in types.get(operand, ""):
-                continue
-            use = _use(body, i) if body else "full"
-            reads += use == "full"
-            in_place |= use == "in place"
-        writes = typ.count(pattern) - in_place
-        if reads or writes:
-            total += reads + writes
-            lines.append(f"{opcode} {name}: {reads} read, {writes} write")
+    total, _, lines = _array_traffic(comps, entry, f"[{dims}]")
     return total, lines
+
+
+_BODY = re.compile(r"body=%?([\w.\-]+)")
+
+
+def loop_passes(hlo: str, dims: str) -> tuple[int, int, list[str]]:
+    """`passes` of block-shaped arrays (`dims`, e.g. "8192,768": one vocabulary block's
+    logits) in one iteration of each loop body of a compiled module (bodies of loops
+    inside loops included), summed: the traffic per block of a loop over blocks
+    (`linear_cross_entropy`'s "lean" and "pallas", whose forward and backward are one
+    loop each). Returns (passes, bytes moved, lines); an iteration is taken to be one
+    block (XLA:TPU does not print trip counts to check an unrolled loop against)."""
+    comps, entry = _parse(hlo)
+    bodies, todo = [], [entry]
+    while todo:
+        for _, _, opcode, rest in comps[todo.pop()]:
+            found = _BODY.search(rest) if opcode == "while" else None
+            if found and found.group(1) in comps:
+                bodies.append(found.group(1))
+                todo.append(found.group(1))
+    total = moved = 0
+    lines = []
+    for body in bodies:
+        t, m, body_lines = _array_traffic(comps, body, f"[{dims}]")
+        total, moved = total + t, moved + m
+        lines += [f"{body}: {line}" for line in body_lines]
+    return total, moved, lines

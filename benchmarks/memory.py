@@ -48,7 +48,7 @@ def temp_bytes(impl, n, d, v, dtype, block, sharding=None) -> int:
     return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-IMPLEMENTATIONS = ("chunked", "lean", "pallas", "xla")  # "pallas": CUDA GPUs only
+IMPLEMENTATIONS = ("chunked", "lean", "pallas", "xla")  # "pallas": GPUs and TPUs
 
 
 def chunked_blocks(n: int, v: int, backend: str = "gpu", itemsize: int = 2) -> tuple[int, int]:
@@ -80,7 +80,7 @@ def run(tokens=TOKENS, implementations=IMPLEMENTATIONS, sharding=None) -> list[d
                 try:
                     temp = temp_bytes(name, n, d, v, dtype, block, sharding)
                 except (NotImplementedError, jax.errors.JaxRuntimeError) as err:
-                    # "pallas" off CUDA; a program larger than the device's memory
+                    # "pallas" on CPU; a program larger than the device's memory
                     print(f"  {head} N={n} {impl}: skipped ({str(err)[:120]})")
                     continue
                 rows.append({"head": head, "N": n, "D": d, "V": v, "dtype": jnp.dtype(dtype).name,

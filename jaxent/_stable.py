@@ -324,6 +324,12 @@ def _logit_partial_bwd(softcap, smoothing, exp, fields, residuals, ct):
     return grad, None, None, None, None, None
 
 
+def column(flags: jax.Array) -> jax.Array:
+    """Per-row flags (...,) as (..., 1), through int32: Mosaic TPU cannot reshape a
+    vector of booleans, and the TPU kernels run this module's formulas."""
+    return flags.astype(jnp.int32)[..., None] != 0
+
+
 def _live(ct) -> jax.Array:
     """Rows (...,) with a non-zero cotangent on a sum the logits' gradient depends on. A
     dropped position gets zero cotangents (`_without_dropped`), and its gradient must be
@@ -371,7 +377,7 @@ def partial_grad(
     # smoothing, softcap or mask `keep` is not needed: the plain CPU case reads only e.
     ids = lax.broadcasted_iota(labels.dtype, (x.shape[-1],), 0) + offset
     dz = ct.s[..., None] * e
-    is_label = (ids == labels[..., None]) & hit[..., None]
+    is_label = (ids == labels[..., None]) & column(hit)
     dz = dz + jnp.where(is_label, ct.z_label[..., None], 0)
     if smoothing:
         w = 1 if class_weights is None else class_weights.astype(x.dtype)
@@ -380,7 +386,7 @@ def partial_grad(
         dz = dz * slope
     if keep is not None:
         dz = jnp.where(keep, dz, 0)
-    return jnp.where(_live(ct)[..., None], dz, 0).astype(logits.dtype)
+    return jnp.where(column(_live(ct)), dz, 0).astype(logits.dtype)
 
 
 _logit_partial.defvjp(_logit_partial_fwd, _logit_partial_bwd)
@@ -761,7 +767,7 @@ def soft_grad(
     if slope is not None:
         dz = dz * slope
     dt = w * (ct.wt_sum[..., None] + ct.wt_below[..., None] * (m[..., None] - z))
-    keep = keep & _live(ct)[..., None]
+    keep = keep & column(_live(ct))
     zero = jnp.zeros((), x.dtype)
     return (
         jnp.where(keep, dz, zero).astype(logits.dtype),

@@ -26,20 +26,40 @@ PLATFORM_TILES = {
 }
 
 
-def each_platform(tiles: dict):
-    """An autouse fixture for a test module: every test runs once per kernel
-    (`PLATFORM_TILES`), with `tiles` — the module's kernel_mode arguments — set to that
-    kernel's. On a GPU (or TPU) the other backend's kernel is skipped: interpreting it
-    there repeats what CI does on CPU, while the device session checks the compiled
-    kernel of its own backend."""
+def each_platform(tiles: dict, per_platform: dict = PLATFORM_TILES, autouse: bool = True):
+    """A fixture for a test module (autouse: for every test): the test runs once per
+    kernel (the keys of `per_platform`), with `tiles` — the module's kernel_mode
+    arguments — set to that kernel's. On a GPU (or TPU) the other backend's kernel is
+    skipped: interpreting it there repeats what CI does on CPU, while the device
+    session checks the compiled kernel of its own backend."""
     import pytest
 
-    @pytest.fixture(autouse=True, params=sorted(PLATFORM_TILES))
+    @pytest.fixture(autouse=autouse, params=sorted(per_platform))
     def _platform(request):
         backend = jax.default_backend()
         if backend not in ("cpu", request.param):
             pytest.skip(f"the {request.param} kernel is interpreted in CI; here the {backend}'s")
         tiles.clear()
-        tiles.update(PLATFORM_TILES[request.param])
+        tiles.update(per_platform[request.param])
 
     return _platform
+
+
+def kernel_inputs(closed_jaxpr, name: str) -> list[list[tuple]]:
+    """The input shapes of every `pallas_call` named `name` in a traced program (found
+    in loops, conditionals and custom derivatives too): what a kernel is given."""
+    from jax.extend import core
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call" and name in str(eqn.params.get("name")):
+                found.append([tuple(v.aval.shape) for v in eqn.invars])
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, list | tuple) else [param]:
+                    if isinstance(sub, core.ClosedJaxpr | core.Jaxpr):
+                        walk(getattr(sub, "jaxpr", sub))
+
+    walk(closed_jaxpr.jaxpr)
+    return found

@@ -272,11 +272,6 @@ def _lean(
 def _pallas(x, w, labels, *, options, block_size, kernel, **kwargs):
     """The scheme of "lean" with each block's logits formed on chip by the fused-head
     kernels (`jaxent.pallas.fused_head`); `kernel` is the `pallas.choose` of the call."""
-    if kernel.mosaic:
-        raise NotImplementedError(
-            "implementation='pallas' for linear_cross_entropy has no TPU kernel (its "
-            "kernels lower with Triton, for GPUs); use 'lean' or 'chunked' on a TPU."
-        )
     if options["vocab_axis_name"] is not None:
         raise NotImplementedError(
             "implementation='pallas' for linear_cross_entropy does not take "
@@ -290,6 +285,7 @@ def _pallas(x, w, labels, *, options, block_size, kernel, **kwargs):
         block_rows=kernel.block_rows,
         block_classes=kernel.block_classes,
         block_depth=kernel.block_depth,
+        mosaic=kernel.mosaic,
     )
     return _lean(x, w, labels, options=options, block_size=block_size, fused=config, **kwargs)
 
@@ -431,9 +427,10 @@ def linear_cross_entropy(
         `pmap`), "xla" (the materialised reference),
         "chunked" (pure JAX, token blocks, `custom_vjp`),
         "lean" (pure JAX, vocabulary blocks: the least memory, one extra matmul),
-        "pallas" (CUDA GPUs: "lean"'s scheme with each tile of logits formed on chip by
-        the kernels of `jaxent.pallas.fused_head`; no `vocab_axis_name`;
-        NotImplementedError where it cannot serve, as for `cross_entropy`).
+        "pallas" ("lean"'s scheme with each tile of logits formed on chip by the
+        kernels of `jaxent.pallas.fused_head` — Triton on CUDA GPUs, Mosaic on TPUs
+        (`fused_head_tpu`); no `vocab_axis_name`; NotImplementedError where it cannot
+        serve, as for `cross_entropy`).
       block_size: for "chunked", tokens per block (default `default_block_size`), or a
         pair (tokens per block, tokens per sub-block; the second divides the first,
         default `default_sub_block`): each block's logit gradient (block x V, matmul

@@ -1,5 +1,5 @@
-"""Pallas kernels: the GPU (and TPU) fast paths of `cross_entropy` and
-`soft_cross_entropy`, and how a call picks one.
+"""Pallas kernels: the GPU (and TPU) fast paths of `cross_entropy`,
+`soft_cross_entropy` and `linear_cross_entropy`, and how a call picks one.
 
 Import-guarded: if `jax.experimental.pallas` or its Triton or TPU module cannot be
 imported, `UNAVAILABLE` says why, every loss takes its XLA path, and nothing else
@@ -7,10 +7,11 @@ changes.
 
 Which path a call takes (`choose`), for `implementation=`:
 - "xla": XLA everywhere.
-- "pallas": the kernel of the backend — Triton on a GPU (`row_stats.py`), Mosaic on a
-  TPU (`row_stats_tpu.py`); `NotImplementedError` where none can serve (CPU, float64
-  logits, Pallas missing) — except inside `interpret_mode()`, where it runs in the
-  Pallas interpreter on any backend.
+- "pallas": the kernel of the backend — Triton on a GPU (`row_stats.py`,
+  `fused_head.py`), Mosaic on a TPU (`row_stats_tpu.py`, `fused_head_tpu.py`);
+  `NotImplementedError` where none can serve (CPU, float64 logits, Pallas missing) —
+  except inside `interpret_mode()`, where it runs in the Pallas interpreter on any
+  backend.
 - None: the GPU kernel when the computation is lowered for CUDA, XLA for any other
   platform (decided at lowering by `lax.platform_dependent`, so exporting for CUDA
   from a CPU host gets the kernel); XLA for float64 logits. TPU stays on XLA until a
@@ -85,9 +86,8 @@ def interpret_mode(
     override the tile sizes, so small inputs can exercise several tiles, and
     `block_depth` the hidden size per matmul step of `linear_cross_entropy`'s kernels
     (which take no tile below 16, Triton's smallest dot). `platform="tpu"` interprets
-    the TPU kernel of `cross_entropy` / `soft_cross_entropy` instead of the GPU one
-    (`linear_cross_entropy` has no TPU kernel: "pallas" raises `NotImplementedError`
-    there). Slow: for tests.
+    the TPU kernels instead of the GPU ones (which raise tiles to the TPU's: 8 or 32
+    rows, 128 classes, 128 of depth). Slow: for tests.
     Inside `shard_map`, the interpreter needs `check_vma=False` (a limitation of
     jax's Pallas interpreter; compiled kernels do not).
 

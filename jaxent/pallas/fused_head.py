@@ -1,6 +1,8 @@
 """The output projection fused with the loss: Pallas kernels (Triton lowering) that
 form the logits x @ w.T + b tile by tile on chip, for `linear_cross_entropy(...,
-implementation="pallas")`.
+implementation="pallas")`. `fused_head_tpu.py` is the same two kernels for TPUs
+(Mosaic), taken with `Config.mosaic`; the wrappers, combination and derivatives here
+serve both.
 
 They run inside the scheme of `jaxent/linear/lean.py` (blocks of Bv classes, an
 online log-sum-exp over the blocks in the forward pass, a recompute in the backward
@@ -59,6 +61,7 @@ from .._stable import (
     rescale,
     safe_shift,
 )
+from ..linear.blocks import take_block
 from ..linear.reference import project
 from .row_stats import Config, _like, argmax_step
 
@@ -86,7 +89,12 @@ def tile_sizes(n: int, v: int, d: int, config: Config) -> tuple[int, int, int]:
 class Operands(NamedTuple):
     """One block of classes: x (N, D); w (Bv, D) in x's dtype; bias, class_weights (Bv,)
     float32 or None; class_mask (Bv,) bool (False: padding); logit_mask (N, Bv) bool or
-    None; labels (N,) int32, local to the block (outside [0, Bv): not in it)."""
+    None; labels (N,) int32, local to the block (outside [0, Bv): not in it).
+
+    block: None, or (the TPU kernels) an int32 scalar with w lean's whole grouped view
+    (Bv / g, nb, g, D) of which this is block `block`: the kernel reads its tiles where
+    they lie, where slicing the block out would make XLA:TPU re-lay out all of w
+    (compiled for a v5p, Llama-3 head: a 1 GiB copy). `block_w` is the (Bv, D) block."""
 
     x: Any
     w: Any
@@ -95,6 +103,17 @@ class Operands(NamedTuple):
     class_mask: Any
     logit_mask: Any
     labels: Any
+    block: Any = None
+
+    def arrays(self) -> tuple:
+        """The operands the Triton kernels take (w a (Bv, D) block)."""
+        assert self.block is None, "the Triton kernels take w as a (Bv, D) block"
+        return tuple(self)[:7]
+
+
+def block_w(ops: Operands):
+    """The block's (Bv, D) rows of w."""
+    return ops.w if ops.block is None else take_block(ops.w, ops.block, group=ops.w.shape[2])
 
 
 class _Tile(NamedTuple):
@@ -238,18 +257,24 @@ def _combined(out: StatsOut) -> StatsOut:
 
 def _stats_launch(config: Config, ops: Operands) -> StatsOut:
     n, d = ops.x.shape
-    v = ops.w.shape[0]
+    v = ops.class_mask.shape[0]
     tiles = tile_sizes(n, v, d, config)
     num_segments, per = segments(n, v, tiles)
-    seg = _like(ops.x, (num_segments, n), jnp.float32)
+    # Mosaic writes (N, 1) columns, one segment (`fused_head_tpu`); Triton (S, N) rows.
+    shape = (n, 1) if config.mosaic else (num_segments, n)
+    seg = _like(ops.x, shape, jnp.float32)
     extra = dict(kw_sum=seg, below_max=seg, count=seg) if config.smoothing else {}
     w_label = seg if ops.class_weights is not None else None
     sums = Partial(s=seg, z_label=seg, label_hits=seg, w_label=w_label, **extra)
     argmax = config.with_argmax
-    out_shape = StatsOut(seg, _like(ops.x, (num_segments, n), jnp.int32) if argmax else None,
+    out_shape = StatsOut(seg, _like(ops.x, shape, jnp.int32) if argmax else None,
                          sums, seg if argmax else None)  # fmt: skip
     if n == 0:  # no program to run (a grid of size 0)
         return _combined(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape))
+    if config.mosaic:
+        from . import fused_head_tpu
+
+        return _combined(fused_head_tpu.stats(config, ops, out_shape))
     kernel = functools.partial(_stats_kernel, n=n, v=v, d=d, tiles=tiles, per=per, config=config)
     out = pl.pallas_call(
         kernel,
@@ -258,20 +283,20 @@ def _stats_launch(config: Config, ops: Operands) -> StatsOut:
         compiler_params=plgpu.CompilerParams(num_warps=_num_warps(*tiles[:2]), num_stages=3),
         interpret=config.interpret,
         name="jaxent_fused_head_stats",
-    )(*ops)
+    )(*ops.arrays())
     return _combined(out)
 
 
 def _kept_xla(ops: Operands):
     """(N, Bv) bool: the kept logits of the XLA twins (class mask, logit mask)."""
-    keep = jnp.broadcast_to(ops.class_mask, (ops.x.shape[0], ops.w.shape[0]))
+    keep = jnp.broadcast_to(ops.class_mask, (ops.x.shape[0], ops.class_mask.shape[0]))
     return keep if ops.logit_mask is None else keep & ops.logit_mask
 
 
 def _stats_xla(config: Config, ops: Operands, m):
     """The block's `Partial` at shift m from materialised logits: the kernel's sums as a
     differentiable XLA function (its tangents)."""
-    z = prepare_logits(project(ops.x, ops.w, ops.bias), _kept_xla(ops), config.softcap)
+    z = prepare_logits(project(ops.x, block_w(ops), ops.bias), _kept_xla(ops), config.softcap)
     return block_partial(z, ops.labels, 0, m, ops.class_weights, config.smoothing)
 
 
@@ -342,13 +367,17 @@ def _grad_kernel(*refs, n, v, d, tiles, config: Config):
 
 def _grad_launch(config: Config, ops: Operands, ct: Cotangents):
     n, d = ops.x.shape
-    v = ops.w.shape[0]
+    v = ops.class_mask.shape[0]
     tiles = tile_sizes(n, v, d, config)
     grid = (pl.cdiv(n, tiles[0]), pl.cdiv(v, tiles[1]))
     parts = None if ops.bias is None else _like(ops.x, (grid[0], v), jnp.float32)
     if n == 0:  # no program to run
         empty = (_like(ops.x, (0, v), ops.x.dtype), parts)
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), empty)
+    if config.mosaic:
+        from . import fused_head_tpu
+
+        return fused_head_tpu.grad(config, ops, ct)
     kernel = functools.partial(_grad_kernel, n=n, v=v, d=d, tiles=tiles, config=config)
     return pl.pallas_call(
         kernel,
@@ -357,7 +386,7 @@ def _grad_launch(config: Config, ops: Operands, ct: Cotangents):
         compiler_params=plgpu.CompilerParams(num_warps=_num_warps(*tiles[:2]), num_stages=3),
         interpret=config.interpret,
         name="jaxent_fused_head_grad",
-    )(*ops, *ct)
+    )(*ops.arrays(), *ct)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -371,7 +400,7 @@ def _grad_xla(config: Config, ops: Operands, ct: Cotangents):
     keep = _kept_xla(ops)
     sums = Partial(s=ct.s, z_label=ct.z_label, label_hits=None, below_max=ct.below_max)
     hit = jnp.ones(ops.labels.shape, bool)
-    z = project(ops.x, ops.w, ops.bias)
+    z = project(ops.x, block_w(ops), ops.bias)
     dz = partial_grad(sums, z, ops.labels, 0, ct.m, ops.class_weights, keep, hit,
                       config.softcap, config.smoothing, None)  # fmt: skip
     return dz.astype(ops.x.dtype), None if ops.bias is None else jnp.sum(dz, axis=0)

@@ -29,16 +29,23 @@ CASES = {
     # The fused-head kernels (`_pallas_kernels`: interpreted without a GPU): blocks of
     # 100 classes (V padded to 300), 32-class tiles, 16-row tiles over the 37 positions.
     "pallas": ("pallas", 100),
+    # The TPU kernels (interpreted without a TPU) in lean's runs of 4 classes, as on a
+    # TPU: each block read in place from the grouped view of w (25 runs x 3 blocks x 4);
+    # 32-row tiles over the 37 positions (a ragged one), each block one class tile.
+    "pallas tpu": ("pallas", 100),
 }
 
 
 @pytest.fixture(autouse=True)
 def _pallas_kernels(request):
-    """Tests of the "pallas" case run the kernels with small tiles (in the Pallas
-    interpreter without a GPU)."""
+    """Tests of the "pallas" cases run the kernels with small tiles (in the Pallas
+    interpreter without a GPU or TPU)."""
     params = getattr(request.node, "callspec", None)
     params = {} if params is None else params.params
-    if "pallas" in (params.get("case"), params.get("impl")):
+    if params.get("case") == "pallas tpu":
+        with kernel_mode("tpu", block_rows=32), grouped(4):
+            yield
+    elif "pallas" in (params.get("case"), params.get("impl")):
         with kernel_mode(block_rows=16, block_classes=32):
             yield
     elif params.get("case") == "lean grouped":

@@ -17,14 +17,22 @@ import jaxent
 from jaxent.pallas import fused_head, interpret_mode
 
 from .. import oracles
-from ..kernels import kernel_mode
+from ..kernels import each_platform, kernel_inputs, kernel_mode
+from ..linear.grouping import grouped
 from .test_lowering import TARGETS, lowered
 from .test_lowering import pytestmark as lowering_skip
 
 F32 = jnp.float32
-# 3 ragged row tiles, 3 ragged class tiles per block of 40 (V = 90: blocks of 45, padded
-# to 2 x 45 = 90, no padding), 3 ragged steps over D = 40.
-TILES = dict(block_rows=16, block_classes=16, block_depth=16)
+# The tests marked `usefixtures("_platform")` run through both kernels. The GPU's: 3
+# ragged row tiles, 3 ragged class tiles per block of 45 (V = 90 in 2 blocks), 3 ragged
+# steps over D = 40. The TPU's, in its smallest tiles (32 rows, 128 classes, 128 of
+# depth): 2 row tiles, the rest whole (`test_tpu_kernels_*` has ragged class and depth).
+TILES = {}
+PER_PLATFORM = {
+    "gpu": dict(platform="gpu", block_rows=16, block_classes=16, block_depth=16),
+    "tpu": dict(platform="tpu", block_rows=32, block_classes=128, block_depth=128),
+}
+_platform = each_platform(TILES, PER_PLATFORM, autouse=False)
 
 
 def make(seed, n=37, d=40, v=90, dtype=F32):
@@ -50,6 +58,7 @@ def value_and_grads(impl, x, w, labels, bias, block_size=None, **opts):
 ALL = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, ignore_index=5, return_aux=True)
 
 
+@pytest.mark.usefixtures("_platform")
 @pytest.mark.parametrize("block_size", [45, 90])
 def test_depth_steps_and_all_options_match_reference(block_size):
     x, w, labels, bias = make(0)
@@ -63,6 +72,7 @@ def test_depth_steps_and_all_options_match_reference(block_size):
         assert oracles.rel_err(a, b) < 1e-5
 
 
+@pytest.mark.usefixtures("_platform")
 def test_bfloat16_is_as_accurate_as_the_reference():
     """bf16 inputs, float32 accumulation: loss and gradients against a float32 run of
     the reference no worse than the materialised bf16 reference's (x1.5 for rounding
@@ -79,6 +89,7 @@ def test_bfloat16_is_as_accurate_as_the_reference():
         assert oracles.rel_err(g, e) <= 1.5 * oracles.rel_err(r, e) + 1e-3
 
 
+@pytest.mark.usefixtures("_platform")
 def test_argmax_ties_and_nan_rows_as_xla():
     """aux.accuracy: equal logits go to the smaller class id — across tiles and
     segments (70 and 40 share strided block 0, at columns 35 and 20) and across blocks
@@ -102,6 +113,7 @@ def test_argmax_ties_and_nan_rows_as_xla():
     assert got[1].accuracy == want[1].accuracy == pytest.approx(1 / 4)
 
 
+@pytest.mark.usefixtures("_platform")
 def test_out_of_range_label_is_nan():
     x, w, labels, bias = make(2, n=5)
     labels = labels.at[1].set(90)
@@ -110,6 +122,33 @@ def test_out_of_range_label_is_nan():
             x, w, labels, bias=bias, implementation="pallas", reduction="none"
         )
     assert np.isnan(got[1]) and np.isfinite(np.delete(np.asarray(got), 1)).all()
+
+
+@pytest.mark.parametrize("block_size", [152, 304])
+def test_tpu_kernels_read_blocks_in_place_and_match_reference(block_size):
+    """The TPU kernels with lean's runs of 8 classes (as on a TPU): each block is read
+    from the grouped view of w (V = 304 in blocks of 152: 19 runs x 2 blocks x 8; or in
+    one block), in class tiles of 128 (then a ragged one), 3 ragged steps over D = 300
+    and 2 row tiles over 37; every option, bias, class weights and a logit mask."""
+    v = 304
+    x, w, labels, bias = make(5, n=37, d=300, v=v)
+    labels = labels.at[:3].set(5)
+    where = (jax.random.uniform(jax.random.PRNGKey(6), (37, v)) > 0.2) | (
+        jax.nn.one_hot(labels, v, dtype=bool)
+    )
+    opts = dict(ALL, class_weights=jnp.linspace(0.5, 2.0, v, dtype=F32), where=where)
+    with kernel_mode(**PER_PLATFORM["tpu"]), grouped(8):
+        got = value_and_grads("pallas", x, w, labels, bias, block_size, **opts)
+        traced = jax.make_jaxpr(lambda *a: value_and_grads("pallas", *a, block_size, **opts))(
+            x, w, labels, bias)  # fmt: skip
+    view = (block_size // 8, v // block_size, 8, 300)  # w as lean's strided runs
+    for name in ("jaxent_fused_head_stats_tpu", "jaxent_fused_head_grad_tpu"):
+        (inputs,) = kernel_inputs(traced, name)
+        assert inputs[:3] == [(1,), (37, 300), view]  # block index, x, all of w
+    want = value_and_grads("xla", x, w, labels, bias, **opts)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        assert oracles.rel_err(a, b) < 1e-5
 
 
 def test_tile_sizes_have_triton_minimum_and_fit_the_operands():
@@ -148,6 +187,38 @@ def test_lowers_for_cuda(monkeypatch, shape, dtype, opts):
     assert text.count("jaxent_fused_head_stats") >= 1
     assert text.count("jaxent_fused_head_grad") >= 1
     assert sum(text.count(t) for t in TARGETS) == 2
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "view"),
+    [
+        ((8192, 4096, 128256), jnp.bfloat16, "96x167x8x4096xbf16"),  # blocks of 768
+        ((37, 300, 304), jnp.float32, "38x1x8x300xf32"),
+    ],
+)
+def test_lowers_for_tpu_reading_w_in_place(monkeypatch, shape, dtype, view):
+    """`jax.export` for TPU from this CPU host, every option (x64 on: no 64-bit value
+    may reach Mosaic): forward + backward contain the two Mosaic kernels, given w as
+    lean's grouped view (runs x blocks x 8 x D: a reshape of w, no copy). Mosaic's own
+    compilation needs libtpu (`python -m benchmarks.deviceless --target v5p`)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the choice as on a TPU
+    n, d, v = shape
+    args = [
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((v, d), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+        jax.ShapeDtypeStruct((v,), jnp.float32),
+    ]
+
+    def fn(x, w, y, weights):
+        loss = functools.partial(jaxent.linear_cross_entropy, implementation="pallas",
+                                 class_weights=weights, **ALL)  # fmt: skip
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w, y)
+
+    text = lowered(fn, "tpu", *args)
+    assert text.count("tpu_custom_call") == 2
+    calls = [line for line in text.splitlines() if "tpu_custom_call" in line]
+    assert all(f"tensor<{view}>" in line for line in calls)
 
 
 def test_forward_segments_fill_the_gpu_and_cover_every_tile():
