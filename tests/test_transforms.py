@@ -18,6 +18,7 @@ import jaxent
 
 from . import oracles
 from .kernels import PLATFORM_TILES, kernel_mode
+from .linear.grouping import grouped
 
 F32 = jnp.float32
 K, B, C = 3, 5, 37  # microbatches, rows per microbatch, classes
@@ -144,6 +145,8 @@ LINEAR = {
     "chunked": ("chunked", 4),
     "lean": ("lean", 16),
     "pallas": ("pallas", 16),
+    # The TPU kernels, reading blocks from w in place (lean's runs of 4, as on a TPU).
+    "pallas tpu": ("pallas", 16),
 }
 D = 8
 
@@ -168,8 +171,13 @@ def _linear(case):
             **opts,
         )
 
-    context = kernel_mode(block_rows=16, block_classes=16) if impl == "pallas" else None
-    return loss, x, _labels(1), w, bias, context or contextlib.nullcontext()
+    context = contextlib.ExitStack()
+    if case == "pallas":
+        context.enter_context(kernel_mode(block_rows=16, block_classes=16))
+    elif case == "pallas tpu":
+        context.enter_context(kernel_mode("tpu"))
+        context.enter_context(grouped(4))
+    return loss, x, _labels(1), w, bias, context
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))

@@ -62,6 +62,7 @@ from .._stable import (
     safe_shift,
 )
 from ..linear.blocks import take_block
+from ..linear.mesh import varying_like
 from ..linear.reference import project
 from .row_stats import Config, _like, argmax_step
 
@@ -246,9 +247,10 @@ def _combined(out: StatsOut) -> StatsOut:
         total, best = online_add(total, best, seg_key, lambda m: rescale(seg_sums, own, m))
         return (total, best, first), None
 
-    row = jnp.zeros(out.best.shape[1:], jnp.float32)
+    # Inside shard_map the kernels' outputs vary like x: so must the scan's carry.
+    row = varying_like(jnp.zeros(out.best.shape[1:], jnp.float32), [out.best])
     init = (jax.tree.map(lambda _: row, out.sums), row - jnp.inf,
-            None if out.first is None else jnp.zeros(row.shape, jnp.int32))  # fmt: skip
+            None if out.first is None else jnp.zeros_like(row, jnp.int32))  # fmt: skip
     (sums, best, first), _ = lax.scan(step, init, (out.best, key, out.first, out.sums))
     if out.key is None:
         best = jnp.where(jnp.isnan(sums.s), jnp.nan, best)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import jaxent
 from jaxent.pallas import fused_head, interpret_mode
@@ -219,6 +220,38 @@ def test_lowers_for_tpu_reading_w_in_place(monkeypatch, shape, dtype, view):
     assert text.count("tpu_custom_call") == 2
     calls = [line for line in text.splitlines() if "tpu_custom_call" in line]
     assert all(f"tensor<{view}>" in line for line in calls)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (CI simulates 8 CPUs)")
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowers_data_parallel_inside_shard_map(monkeypatch, platform):
+    """A data-parallel step as users write it: shard_map with its default
+    check_vma=True, x and labels split over 4 devices, w and bias replicated, the mean
+    over the whole batch (`batch_axis_name`). Both kernels' outputs are typed as
+    varying like x, so it lowers (Triton's for CUDA, Mosaic's for TPU)."""
+    if platform == "cuda" and lowering_skip.mark.args[0]:
+        pytest.skip(lowering_skip.mark.kwargs["reason"])
+    backend = "gpu" if platform == "cuda" else "tpu"
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)  # the choice as there
+    mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def body(x, w, y, b):
+        def loss(x, w, b):
+            return jaxent.linear_cross_entropy(
+                x, w, y, bias=b, implementation="pallas", batch_axis_name="batch",
+                label_smoothing=0.1,
+            )  # fmt: skip
+
+        # dw and db come back summed over the devices (invariant, as out_specs P() needs).
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
+
+    run = jax.shard_map(body, mesh=mesh, in_specs=(P("batch"), P(), P("batch"), P()),
+                        out_specs=(P(), (P("batch"), P(), P())))  # fmt: skip
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in
+            [((64, 256), jnp.bfloat16), ((1024, 256), jnp.bfloat16), ((64,), jnp.int32),
+             ((1024,), jnp.float32)]]  # fmt: skip
+    text = lowered(run, platform, *args)
+    assert sum(text.count(t) for t in (*TARGETS, "tpu_custom_call")) == 2
 
 
 def test_forward_segments_fill_the_gpu_and_cover_every_tile():
