@@ -22,7 +22,9 @@ What it measures, without the device:
   heads in bfloat16 (`benchmarks.memory`'s table), as the target's compiler assigns it;
 - kernels: every Pallas kernel of jaxent for the target, with every option, compiles
   (and each call's temp); on the GPU also the tiles of `python -m benchmarks.sweep`;
-- traffic: the logits-sized reads and writes of the plain losses (`hlo.passes`).
+- traffic: the logits-sized reads and writes of the plain losses (`hlo.passes`), and
+  the block-sized ones of the fused head's loops, "lean" against "pallas"
+  (`hlo.loop_passes`).
 What it cannot: times (nothing runs), and the GEMM autotuner's picks (deviceless
 compilation takes XLA's default configurations; a cuBLAS workspace may differ).
 Writes deviceless.md and deviceless.json under --out.
@@ -236,7 +238,49 @@ def traffic(name, fn, shapes, sharding) -> dict:
             "model_ratio": total / 2, "instructions": lines}  # fmt: skip
 
 
-def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=()) -> str:
+def head_traffic_cases():
+    """(name, loss, arg shapes, block) of `linear_cross_entropy`'s loops over vocabulary
+    blocks ("lean": XLA; "pallas": the fused-head kernels) at the LM heads, bfloat16,
+    N=8192, each with its default block for the target."""
+    import jaxent
+    from jaxent.linear.api import default_vocab_block_size
+
+    from .memory import HEADS
+
+    n, cases = 8192, []
+    for head, (d, v) in HEADS.items():
+        shapes = [((n, d), jnp.bfloat16), ((v, d), jnp.bfloat16), ((n,), jnp.int32)]
+        block = default_vocab_block_size(n, v)
+        for impl in ("lean", "pallas"):
+            loss = functools.partial(jaxent.linear_cross_entropy, implementation=impl)
+            cases.append((f"{head} {impl}", loss, shapes, block))
+    return cases
+
+
+def head_traffic(name, fn, shapes, block, sharding) -> dict:
+    """Reads + writes of block-sized (N, Bv) arrays per vocabulary block, in device
+    memory, by the compiled forward + backward with the gradients of x and w
+    (`hlo.loop_passes`), and their bytes per logit."""
+    from . import hlo
+
+    args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
+    exe = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*args).compile()
+    n = shapes[0][0][0]
+    total, moved, lines = hlo.loop_passes(exe.as_text(), f"{n},{block}")
+    return {"case": name, "N": n, "block": block, "passes": total,
+            "bytes_per_logit": moved / (n * block), "instructions": lines}  # fmt: skip
+
+
+def _table(caption: str, columns: list, rows: list) -> list[str]:
+    """Markdown lines: a blank line, the caption, a blank line, the table."""
+
+    def row(cells):
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    return ["", caption, "", row(columns), "|" + "---|" * len(columns), *map(row, rows)]
+
+
+def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=(), head_rows=()) -> str:
     from . import memory
 
     lines = [memory.markdown(memory_rows, label) if memory_rows else f"Compiled for {label}."]
@@ -252,11 +296,18 @@ def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=()) -> str
                    "reads + writes (`benchmarks.hlo.passes`, arrays of the logits' shape in "
                    "any dtype); the floor, one read + one write, is 2. A model of a "
                    "bandwidth-bound step, not a time.")  # fmt: skip
-        lines += ["", caption, "", "| loss | N | C | dtype | passes | ÷ floor |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        for r in traffic_rows:
-            lines.append(f"| {r['case']} | {r['N']} | {r['C']} | {r['dtype']} | {r['passes']} "
-                         f"| {r['model_ratio']:.1f} |")  # fmt: skip
+        lines += _table(caption, ["loss", "N", "C", "dtype", "passes", "÷ floor"],
+                        [[r["case"], r["N"], r["C"], r["dtype"], r["passes"],
+                          f"{r['model_ratio']:.1f}"] for r in traffic_rows])  # fmt: skip
+    if head_rows:
+        caption = (f"`linear_cross_entropy`, forward + backward (gradients of x and w) "
+                   f"compiled for {label}: per vocabulary block of Bv classes, whole reads "
+                   "+ writes of (N, Bv) arrays in device memory (`benchmarks.hlo.loop_passes`;"
+                   " the matmuls' x and w not included) and their bytes per logit. A model "
+                   "of the traffic around the matmuls, not a time.")  # fmt: skip
+        lines += _table(caption, ["head, implementation", "N", "Bv", "passes", "bytes / logit"],
+                        [[r["case"], r["N"], r["block"], r["passes"],
+                          f"{r['bytes_per_logit']:.0f}"] for r in head_rows])  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +316,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--target", choices=sorted(TARGETS), default="h100")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--skip", nargs="*", choices=["memory", "kernels", "tiles", "traffic"],
+    p.add_argument("--skip", nargs="*", choices=["memory", "kernels", "tiles", "traffic", "head"],
                    default=[])  # fmt: skip
     args = p.parse_args(argv)
     from . import memory
@@ -286,6 +337,9 @@ def main(argv=None) -> None:
                 print(f"{r['case']}: {'ok' if r['ok'] else r['error']}", flush=True)
         rows = [] if "traffic" in skip else [traffic(*c, sharding) for c in traffic_cases()]
         parts["traffic"] = [r for r in rows if r is not None]
+        parts["head"] = [] if "head" in skip else [
+            head_traffic(*case, sharding) for case in head_traffic_cases()
+        ]  # fmt: skip
     text = markdown(label, *parts.values())
     print(text)
     if args.out:

@@ -192,11 +192,23 @@ def _use(body, index: int) -> str:
     return uses.pop() if len(uses) == 1 else "full"
 
 
+_SPACE = re.compile(r":[^}]*S\((\d+)\)")
+
+
+def _in_memory(typ: str) -> bool:
+    """Whether an array type lives in device memory: XLA:TPU marks arrays it places in
+    on-chip memory with a memory space S(1) or above in their layout."""
+    space = _SPACE.search(typ)
+    return space is None or space.group(1) == "0"
+
+
 def _array_traffic(comps, comp, pattern):
-    """(reads, writes, bytes, lines) of whole arrays matching `pattern` by the
-    instructions of computation `comp` (not descending into the computations it calls)."""
+    """(reads + writes, bytes moved, lines) of whole arrays matching `pattern` in device
+    memory by the instructions of computation `comp` (not descending into the
+    computations it calls). A bitcast of such an array (a transposed view) is one; an
+    asynchronous copy reads its source at its start and writes its destination at its
+    end, each only where that is in device memory."""
     types = {name: typ for name, typ, _, _ in comps[comp]}
-    # Arrays of the pattern, and bitcasts of them (a transposed view is one).
     matching = {name for name, typ in types.items() if pattern in typ}
     for name, _, opcode, rest in comps[comp]:
         if opcode == "bitcast" and _operands(rest)[:1] and _operands(rest)[0] in matching:
@@ -210,19 +222,21 @@ def _array_traffic(comps, comp, pattern):
         body = comps.get(called.group(2)) if called else None
         reads = writes = read_bytes = 0
         in_place = False
-        for i, operand in enumerate(_operands(rest)):
-            if operand not in matching:
+        for i, operand in enumerate(_operands(rest) if opcode != "copy-done" else ()):
+            if operand not in matching or not _in_memory(types[operand]):
                 continue
             use = _use(body, i) if body else "full"
             if use == "full":
                 reads += 1
                 read_bytes += shape_bytes(types[operand])
             in_place |= use == "in place"
-        writes = typ.count(pattern) - in_place
+        outputs = [t for t in re.split(r",\s*(?=[a-z]+\d*\[)", typ) if pattern in t]
+        outputs = [] if opcode == "copy-start" else [t for t in outputs if _in_memory(t)]
+        outputs = outputs[in_place:]
+        writes = len(outputs)
         if reads or writes:
             total += reads + writes
-            written = [t for t in re.split(r",\s*(?=[a-z]+\d*\[)", typ) if pattern in t]
-            moved += read_bytes + sum(map(shape_bytes, written[in_place:]))
+            moved += read_bytes + sum(map(shape_bytes, outputs))
             lines.append(f"{opcode} {name}: {reads} read, {writes} write")
     return total, moved, lines
 

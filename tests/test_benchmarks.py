@@ -145,3 +145,54 @@ def test_hlo_passes_counts_whole_array_reads_and_writes():
     ]
     # the indices are read whole, by the gather (its second operand) and the scatter
     assert hlo.passes(PASSES_HLO, "8,2")[0] == 2
+
+
+# A hand-written loop over blocks, as XLA:TPU prints it: the body's matmul writes a
+# block f32[8,4] to device memory, an asynchronous copy moves it to on-chip memory
+# (S(1)) where a reduction reads it, and a bitcast (a transposed view) of a bf16 block
+# gradient feeds another matmul. The entry's arrays of the same shape are not counted.
+LOOP_HLO = """\
+HloModule m
+
+%body (t: (s32[], f32[8,16], f32[8])) -> (s32[], f32[8,16], f32[8]) {
+  %t = (s32[], f32[8,16]{1,0}, f32[8]{0}) parameter(0)
+  %x = f32[8,16]{1,0} get-tuple-element(%t), index=1
+  %z = f32[8,4]{0,1:T(8,128)} convolution(%x, %x), dim_labels=bf_io->bf
+  %cs = (f32[8,4]{0,1:T(8,128)S(1)}, f32[8,4]{0,1:T(8,128)}, u32[]{:S(2)}) copy-start(%z)
+  %cd = f32[8,4]{0,1:T(8,128)S(1)} copy-done(%cs)
+  %r = f32[8]{0} fusion(%cd), kind=kInput, calls=%fused_reduce
+  %g = bf16[8,4]{1,0} fusion(%x, %r), kind=kOutput, calls=%fused_grad
+  %gt = bf16[4,8]{0,1} bitcast(%g)
+  %dw = f32[4,16]{1,0} convolution(%gt, %x), dim_labels=bf_io->bf
+  %i = s32[] get-tuple-element(%t), index=0
+  ROOT %out = (s32[], f32[8,16]{1,0}, f32[8]{0}) tuple(%i, %x, %r)
+}
+
+%cond (c: (s32[], f32[8,16], f32[8])) -> pred[] {
+  %c = (s32[], f32[8,16]{1,0}, f32[8]{0}) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[8,4] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %e = f32[8,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_grad
+  %zero = s32[] constant(0)
+  %r0 = f32[8]{0} constant({...})
+  %init = (s32[], f32[8,16]{1,0}, f32[8]{0}) tuple(%zero, %x, %r0)
+  %w = (s32[], f32[8,16]{1,0}, f32[8]{0}) while(%init), condition=%cond, body=%body
+  ROOT %e2 = f32[8,4]{1,0} negate(%e)
+}
+"""
+
+
+def test_hlo_loop_passes_counts_one_iteration_in_device_memory():
+    from benchmarks import hlo
+
+    total, moved, lines = hlo.loop_passes(LOOP_HLO, "8,4")
+    assert lines == [
+        "body: convolution z: 0 read, 1 write",  # f32 to device memory
+        "body: copy-start cs: 1 read, 0 write",  # its destination is on chip
+        "body: fusion g: 0 read, 1 write",  # the reduction read the on-chip copy
+        "body: convolution dw: 1 read, 0 write",  # through the transposed view
+    ]
+    assert total == 4 and moved == 32 * (4 + 4 + 2 + 2)

@@ -170,8 +170,10 @@ def _kernel_operands(st: Static, ops: Operands, i):
     weights = None if cwb is None else cwb.astype(jnp.float32)
     labels = ops.labels - offset  # a label outside [0, Bv) is not in the block
     block = fused_head.Operands(ops.x.astype(mm), wb.astype(mm), bias, weights, mb, lmb, labels)
-    if st.fused.mosaic and st.group > 1:  # the TPU kernels read the block from w itself
-        block = block._replace(w=ops.w.astype(mm), block=i)
+    # The TPU kernels read the block from w itself (`fused_head.Operands.block`), unless
+    # w must first be cast to the matmul dtype: that is done a block at a time.
+    if st.fused.mosaic and st.group > 1 and ops.w.dtype == mm:
+        block = block._replace(w=ops.w, block=i)
     return block, offset
 
 

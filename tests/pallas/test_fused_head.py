@@ -159,6 +159,13 @@ def test_tile_sizes_have_triton_minimum_and_fit_the_operands():
     assert fused_head.tile_sizes(3, 5, 8, config._replace(block_rows=32)) == (32, 16, 16)
 
 
+def head_args(n, d, v, dtype, with_weights=False):
+    """Shape-only x (N, D), w (V, D), labels (N,) and per-class float32 weights (V,)."""
+    shapes = [((n, d), dtype), ((v, d), dtype), ((n,), jnp.int32)]
+    shapes += [((v,), jnp.float32)] * with_weights
+    return [jax.ShapeDtypeStruct(s, t) for s, t in shapes]
+
+
 @lowering_skip
 @pytest.mark.parametrize(
     ("shape", "dtype", "opts"),
@@ -173,12 +180,7 @@ def test_lowers_for_cuda(monkeypatch, shape, dtype, opts):
     kernel (the forward loop's body) and one gradient kernel (the backward loop's).
     PTX compilation and speed need a GPU."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the choice as on a GPU
-    n, d, v = shape
-    args = [
-        jax.ShapeDtypeStruct((n, d), dtype),
-        jax.ShapeDtypeStruct((v, d), dtype),
-        jax.ShapeDtypeStruct((n,), jnp.int32),
-    ]
+    args = head_args(*shape, dtype)
 
     def fn(x, w, y):
         loss = functools.partial(jaxent.linear_cross_entropy, implementation="pallas", **opts)
@@ -203,13 +205,7 @@ def test_lowers_for_tpu_reading_w_in_place(monkeypatch, shape, dtype, view):
     lean's grouped view (runs x blocks x 8 x D: a reshape of w, no copy). Mosaic's own
     compilation needs libtpu (`python -m benchmarks.deviceless --target v5p`)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # the choice as on a TPU
-    n, d, v = shape
-    args = [
-        jax.ShapeDtypeStruct((n, d), dtype),
-        jax.ShapeDtypeStruct((v, d), dtype),
-        jax.ShapeDtypeStruct((n,), jnp.int32),
-        jax.ShapeDtypeStruct((v,), jnp.float32),
-    ]
+    args = head_args(*shape, dtype, with_weights=True)
 
     def fn(x, w, y, weights):
         loss = functools.partial(jaxent.linear_cross_entropy, implementation="pallas",
@@ -247,10 +243,7 @@ def test_lowers_data_parallel_inside_shard_map(monkeypatch, platform):
 
     run = jax.shard_map(body, mesh=mesh, in_specs=(P("batch"), P(), P("batch"), P()),
                         out_specs=(P(), (P("batch"), P(), P())))  # fmt: skip
-    args = [jax.ShapeDtypeStruct(s, t) for s, t in
-            [((64, 256), jnp.bfloat16), ((1024, 256), jnp.bfloat16), ((64,), jnp.int32),
-             ((1024,), jnp.float32)]]  # fmt: skip
-    text = lowered(run, platform, *args)
+    text = lowered(run, platform, *head_args(64, 256, 1024, jnp.bfloat16, with_weights=True))
     assert sum(text.count(t) for t in (*TARGETS, "tpu_custom_call")) == 2
 
 
