@@ -140,15 +140,24 @@ def kernel_cases(platform: str = "cuda"):
             x, w, y, bias=b, implementation="pallas", **kw
         )
 
+    # "none" with a sum: the backward's arbitrary cotangents.
+    every = head(reduction="none", **options)
     for name, (d, v) in {"Llama-3": (4096, 128256), "Gemma-2": (2304, 256000)}.items():
         for dtype in (jnp.float32, jnp.bfloat16):
             shapes = [((n, d), dtype), ((v, d), dtype), ((n,), jnp.int32), ((v,), dtype)]
             tag = f"{name} {jnp.dtype(dtype).name}"
-            cases.append((f"linear_cross_entropy pallas {tag}, bias", head(), shapes, 2))
-        # bfloat16 (the last shapes); "none" with a sum: the backward's arbitrary cotangents
-        every = head(reduction="none", **options)
-        cases.append((f"linear_cross_entropy pallas {tag}, all options, reduction=none",
-                      lambda *a, every=every: every(*a).sum(), shapes, 2))  # fmt: skip
+            cases += [
+                (f"linear_cross_entropy pallas {tag}, bias", head(), shapes, 2),
+                (f"linear_cross_entropy pallas {tag}, all options, reduction=none",
+                 lambda *a: every(*a).sum(), shapes, 2),
+            ]  # fmt: skip
+        # bfloat16 (the last shapes): class weights, a logits-shaped mask and aux.
+        extra = [((v,), jnp.float32), ((n, v), jnp.bool_)]
+        cases.append((f"linear_cross_entropy pallas {tag}, class weights, where, aux",
+                      lambda x, w, y, b, cw, m: jaxent.linear_cross_entropy(
+                          x, w, y, bias=b, class_weights=cw, where=m, implementation="pallas",
+                          return_aux=True)[0],
+                      shapes + extra, 2))  # fmt: skip
     return cases
 
 

@@ -216,7 +216,7 @@ def _array_traffic(comps, comp, pattern):
     total = moved = 0
     lines = []
     for name, typ, opcode, rest in comps[comp]:
-        if opcode in _FREE:
+        if opcode in _FREE or opcode == "while":  # a loop's body is counted as its own
             continue
         called = _CALLS.search(rest) if opcode == "fusion" else None
         body = comps.get(called.group(2)) if called else None

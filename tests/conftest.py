@@ -1,6 +1,7 @@
-"""Test configuration: 8 simulated CPU devices (for the sharding tests) and float64.
+"""Test configuration: 8 simulated CPU devices (for the sharding tests), float64, and
+float32 matmuls in full float32.
 
-Both must be set before JAX initialises its backends, hence at import time here.
+All are set before JAX initialises its backends, hence at import time here.
 Enabling x64 only makes float64 *available*; every test states its dtypes.
 """
 
@@ -13,3 +14,8 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# float32 matmuls in full float32 on every backend (a GPU's default may use TF32, a
+# TPU's one bfloat16 pass): references and the kernels (which take float32 products,
+# `Precision.HIGHEST`) then agree to float32 rounding wherever the suite runs. CPU
+# matmuls are float32 anyway.
+jax.config.update("jax_default_matmul_precision", "highest")

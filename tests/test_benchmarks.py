@@ -150,7 +150,8 @@ def test_hlo_passes_counts_whole_array_reads_and_writes():
 # A hand-written loop over blocks, as XLA:TPU prints it: the body's matmul writes a
 # block f32[8,4] to device memory, an asynchronous copy moves it to on-chip memory
 # (S(1)) where a reduction reads it, and a bitcast (a transposed view) of a bf16 block
-# gradient feeds another matmul. The entry's arrays of the same shape are not counted.
+# gradient feeds another matmul; an inner loop negates a block. The entry's arrays of
+# the same shape are not counted.
 LOOP_HLO = """\
 HloModule m
 
@@ -163,9 +164,25 @@ HloModule m
   %r = f32[8]{0} fusion(%cd), kind=kInput, calls=%fused_reduce
   %g = bf16[8,4]{1,0} fusion(%x, %r), kind=kOutput, calls=%fused_grad
   %gt = bf16[4,8]{0,1} bitcast(%g)
+  %e0 = f32[8,4]{1,0} constant({...})
   %dw = f32[4,16]{1,0} convolution(%gt, %x), dim_labels=bf_io->bf
   %i = s32[] get-tuple-element(%t), index=0
+  %c0 = (f32[8,4]{1,0}, s32[]) tuple(%e0, %i)
+  %in = (f32[8,4]{1,0}, s32[]) while(%c0), condition=%inner_cond, body=%inner
   ROOT %out = (s32[], f32[8,16]{1,0}, f32[8]{0}) tuple(%i, %x, %r)
+}
+
+%inner (u: (f32[8,4], s32[])) -> (f32[8,4], s32[]) {
+  %u = (f32[8,4]{1,0}, s32[]) parameter(0)
+  %v = f32[8,4]{1,0} get-tuple-element(%u), index=0
+  %k = s32[] get-tuple-element(%u), index=1
+  %v2 = f32[8,4]{1,0} negate(%v)
+  ROOT %u2 = (f32[8,4]{1,0}, s32[]) tuple(%v2, %k)
+}
+
+%inner_cond (q: (f32[8,4], s32[])) -> pred[] {
+  %q = (f32[8,4]{1,0}, s32[]) parameter(0)
+  ROOT %p2 = pred[] constant(true)
 }
 
 %cond (c: (s32[], f32[8,16], f32[8])) -> pred[] {
@@ -194,5 +211,6 @@ def test_hlo_loop_passes_counts_one_iteration_in_device_memory():
         "body: copy-start cs: 1 read, 0 write",  # its destination is on chip
         "body: fusion g: 0 read, 1 write",  # the reduction read the on-chip copy
         "body: convolution dw: 1 read, 0 write",  # through the transposed view
+        "inner: negate v2: 1 read, 1 write",  # a loop in the loop: its own body, once
     ]
-    assert total == 4 and moved == 32 * (4 + 4 + 2 + 2)
+    assert total == 6 and moved == 32 * (4 + 4 + 2 + 2 + 4 + 4)

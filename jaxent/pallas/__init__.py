@@ -142,6 +142,9 @@ def _why_not(dtype, interpret: bool) -> str | None:
             f"the Pallas kernels lower for GPUs and TPUs, and the backend is {backend!r}"
             " (use implementation='xla' or None; tests use jaxent.pallas.interpret_mode())"
         )
+    if not interpret and backend == "tpu" and dtype == jnp.float16:
+        # Mosaic rejects float16 vectors ("Invalid vector type for load", for a v5p).
+        return "float16 on a TPU: its kernels take bfloat16 or float32; use implementation='xla'"
     return None
 
 

@@ -273,8 +273,8 @@ def _stats_launch(config: Config, ops: Operands) -> StatsOut:
     argmax = config.with_argmax
     out_shape = StatsOut(seg, _like(ops.x, shape, jnp.int32) if argmax else None,
                          sums, seg if argmax else None)  # fmt: skip
-    if n == 0:  # no program to run (a grid of size 0)
-        return _combined(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape))
+    if n == 0:  # no program to run (a grid of size 0): one segment of no rows
+        return _combined(jax.tree.map(lambda a: jnp.zeros((1, 0), a.dtype), out_shape))
     if config.mosaic:
         from . import fused_head_tpu
 

@@ -24,14 +24,18 @@ computed and then discarded by the clipped write-back (and left out of the bias'
 column sums), and a ragged last depth step zeroes both operands' columns beyond D so
 the products stay exact.
 
-float32 inputs take float32 products (`Precision.HIGHEST`), bfloat16 inputs bf16
-products with float32 accumulation, as on the GPU. Compiled for TPUs without one
-(`python -m benchmarks.deviceless --target v5p`; v4, v5e, v6e too): at the bf16
-Llama-3 head, N=8192, forward + backward take 149 MiB of temp (3.7% of the float32
-logits) and move 6 bytes per logit through device memory around the matmuls, where
-XLA's "lean" moves 17 (`hlo.loop_passes`). On a v5e or v6e XLA keeps "lean"'s blocks
-in on-chip memory (0 bytes), so the kernels are not expected to help there (the README
-has the table). Never timed on a TPU, hence opt-in (`implementation="pallas"`).
+float32 inputs take float32 products (`Precision.HIGHEST`, several MXU passes),
+bfloat16 inputs bf16 products with float32 accumulation, as on the GPU. (XLA's default
+for float32 matmuls on a TPU is one bfloat16 pass: the dx and dw matmuls of "lean",
+which follow `jax_default_matmul_precision`, are then less exact than these logits.)
+
+Compiled for TPUs without one (`python -m benchmarks.deviceless --target v5p`; v4,
+v5e, v6e too): at the bf16 Llama-3 head, N=8192, forward + backward take 149 MiB of
+temp (3.7% of the float32 logits) and move 6 bytes per logit through device memory
+around the matmuls, where XLA's "lean" moves 17 (`hlo.loop_passes`). On a v5e or v6e
+XLA keeps "lean"'s blocks in on-chip memory (0 bytes), so the kernels are not expected
+to help there (the README has the table). Never timed on a TPU, hence opt-in
+(`implementation="pallas"`).
 """
 
 from __future__ import annotations
@@ -50,10 +54,10 @@ from .row_stats import _like, argmax_step
 
 # Default tile: 512 rows x 1024 classes of float32 logits (a 2 MiB accumulator), the
 # hidden size 512 at a time (256 for float32 inputs, whose blocks are twice the bytes):
-# 341 multiply-adds per byte of x and w moved, above what a v5e's MXUs need to stay
-# busy (~240), and with every option within the 16 MiB of vector memory a kernel may
-# use by default. Unmeasured on a TPU. Rows are multiples of 32, the tile of int8
-# (the logit mask) and a multiple of bfloat16's 16.
+# 341 flops per byte of x and w moved, above a v5e's ratio of peak flops to bandwidth
+# (~240) though below a v6e's (~560), and with every option within the 16 MiB of
+# vector memory a kernel may use by default. Unmeasured on a TPU. Rows are multiples
+# of 32, the tile of int8 (the logit mask) and a multiple of bfloat16's 16.
 BLOCK_ROWS, BLOCK_CLASSES, BLOCK_DEPTH, CHUNK = 512, 1024, 512, 32
 
 

@@ -42,7 +42,7 @@ def _pallas_kernels(request):
     interpreter without a GPU or TPU)."""
     params = getattr(request.node, "callspec", None)
     params = {} if params is None else params.params
-    if params.get("case") == "pallas tpu":
+    if "pallas tpu" in (params.get("case"), params.get("impl")):
         with kernel_mode("tpu", block_rows=32), grouped(4):
             yield
     elif "pallas" in (params.get("case"), params.get("impl")):
@@ -191,22 +191,29 @@ def test_bfloat16_matches_reference(impl, block):
         assert oracles.rel_err(a.astype(F32), b.astype(F32)) < 1e-2
 
 
-@pytest.mark.parametrize("impl", ["chunked", "lean", "pallas"])
+def implementation(impl: str) -> str:
+    """The `implementation=` of a test's `impl` ("pallas tpu": the TPU kernels)."""
+    return "pallas" if impl == "pallas tpu" else impl
+
+
+@pytest.mark.parametrize("impl", ["chunked", "lean", "pallas", "pallas tpu"])
 @pytest.mark.parametrize("lead", [(2, 3), (5,), (0,)])
 def test_leading_dims_small_and_empty_batches(impl, lead):
     x, w, labels, bias = make(3, lead=lead, v=50)
-    got = loss_and_grads(impl, x, w, labels, bias, "mean", jnp.float32(1), 64)
+    got = loss_and_grads(implementation(impl), x, w, labels, bias, "mean", jnp.float32(1), 64)
     want = loss_and_grads("xla", x, w, labels, bias, "mean", jnp.float32(1), None)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert a.shape == b.shape and oracles.rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["chunked", "lean", "pallas"])
+@pytest.mark.parametrize("impl", ["chunked", "lean", "pallas", "pallas tpu"])
 def test_aux_matches_reference(impl):
     x, w, labels, bias = make(4)
     labels = labels.at[0].set(-100)
     kw = dict(bias=bias, ignore_index=-100, z_loss=1e-2, return_aux=True)
-    loss, aux = jaxent.linear_cross_entropy(x, w, labels, implementation=impl, block_size=16, **kw)
+    loss, aux = jaxent.linear_cross_entropy(
+        x, w, labels, implementation=implementation(impl), block_size=16, **kw
+    )
     ref_loss, ref = jaxent.linear_cross_entropy(x, w, labels, implementation="xla", **kw)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for name in ("lse", "z_loss", "accuracy", "weight_sum"):

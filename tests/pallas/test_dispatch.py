@@ -121,3 +121,16 @@ def test_interpret_mode_platform_is_checked():
     expected = "`platform` must be 'gpu' or 'tpu', got 'cpu'"
     with pytest.raises(ValueError, match=expected), interpret_mode(platform="cpu"):
         pass
+
+
+def test_float16_on_tpu_is_refused_with_the_reason(monkeypatch):
+    """Mosaic does not compile float16 vectors: "pallas" says so on a TPU (for both
+    losses) instead of failing in the compiler; None keeps XLA there."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    logits = jnp.zeros((4, 256), jnp.float16)
+    x, w = jnp.zeros((4, 8), jnp.float16), jnp.zeros((256, 8), jnp.float16)
+    with pytest.raises(NotImplementedError, match="float16 on a TPU"):
+        jaxent.cross_entropy(logits, Y, implementation="pallas")
+    with pytest.raises(NotImplementedError, match="float16 on a TPU"):
+        jaxent.linear_cross_entropy(x, w, Y, implementation="pallas")
+    assert jaxent.pallas.choose(None, jnp.float16) is not None  # auto: XLA off CUDA

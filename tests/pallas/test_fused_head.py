@@ -152,6 +152,37 @@ def test_tpu_kernels_read_blocks_in_place_and_match_reference(block_size):
         assert oracles.rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("mosaic", [False, True])
+def test_block_stats_of_no_rows_are_empty(mosaic):
+    """N = 0 runs no kernel; the statistics still have the rows' shape (0,)."""
+    config = fused_head.Config(None, True, True, True, None, None, mosaic=mosaic)
+    ops = fused_head.Operands(
+        x=jnp.zeros((0, 16), F32), w=jnp.zeros((32, 16), F32), bias=None, class_weights=None,
+        class_mask=jnp.ones((32,), bool), logit_mask=None, labels=jnp.zeros((0,), jnp.int32),
+    )  # fmt: skip
+    out = fused_head.block_stats(config, ops)
+    assert out.first is not None and out.sums.kw_sum is not None
+    assert {a.shape for a in jax.tree.leaves(out)} == {(0,)}
+
+
+def test_tpu_argmax_ties_across_class_tiles_and_nan_rows_as_xla():
+    """The TPU kernel's argmax: classes 10 and 200 tie and sit in different 128-class
+    tiles of one block (runs of 8, V = 304): the smaller id wins, as in XLA; a NaN
+    hidden state gives NaN and its first NaN column."""
+    x = jnp.ones((4, 16), F32).at[3, 0].set(jnp.nan)
+    w = jnp.zeros((304, 16), F32).at[jnp.array([10, 200])].set(1.0)
+    labels = jnp.array([10, 200, 10, 200])
+    kw = dict(reduction="none", return_aux=True)
+    with kernel_mode(**PER_PLATFORM["tpu"]), grouped(8):
+        got = jaxent.linear_cross_entropy(x, w, labels, implementation="pallas", block_size=304,
+                                          **kw)  # fmt: skip
+    want = jaxent.linear_cross_entropy(x, w, labels, implementation="xla", **kw)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert np.isnan(got[0][3])
+    # Rows 0 and 2 (label 10) are right; row 1 (label 200) loses the tie.
+    assert got[1].accuracy == want[1].accuracy == pytest.approx(2 / 4)
+
+
 def test_tile_sizes_have_triton_minimum_and_fit_the_operands():
     config = fused_head.Config(None, False, False, False, None, None)
     assert fused_head.tile_sizes(8192, 2048, 4096, config) == (64, 128, 64)
