@@ -99,11 +99,11 @@ def compile_only(target: str = "h100"):
         yield jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def compiled(fn, shapes, sharding):
-    """`jit(value_and_grad(fn))` compiled for the target; `shapes`: (shape, dtype) pairs,
-    the first argument differentiated."""
+def compiled(fn, shapes, sharding, argnums=0):
+    """`jit(value_and_grad(fn, argnums))` compiled for the target; `shapes`: (shape,
+    dtype) pairs, by default the first argument differentiated."""
     args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
-    return jax.jit(jax.value_and_grad(fn)).lower(*args).compile()
+    return jax.jit(jax.value_and_grad(fn, argnums=argnums)).lower(*args).compile()
 
 
 def kernel_cases(platform: str = "cuda"):
@@ -272,8 +272,7 @@ def head_traffic(name, fn, shapes, block, sharding) -> dict:
     (`hlo.loop_passes`), and their bytes per logit."""
     from . import hlo
 
-    args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
-    exe = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*args).compile()
+    exe = compiled(fn, shapes, sharding, argnums=(0, 1))
     n = shapes[0][0][0]
     total, moved, lines = hlo.loop_passes(exe.as_text(), f"{n},{block}")
     return {"case": name, "N": n, "block": block, "passes": total,

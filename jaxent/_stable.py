@@ -173,6 +173,19 @@ def label_terms(z_label, in_block, w_label) -> dict:
     )
 
 
+def tile_label_terms(z, col, labels, valid, w) -> dict:
+    """`label_terms` of a tile of prepared logits z (rows, classes) in a kernel, from one
+    compare per logit: col, the tile's class ids, and valid, which of them are real
+    classes (both broadcastable to z); labels (rows,); w the tile's class weights
+    (broadcastable to z) or None. int32 counts: 64-bit values reach no kernel under
+    x64."""
+    is_label = (col == labels[:, None]) & valid
+    in_tile = jnp.max(is_label.astype(jnp.int32), axis=-1) > 0
+    z_label = jnp.sum(jnp.where(is_label, z, 0), axis=-1)
+    w_label = None if w is None else jnp.sum(jnp.where(is_label, w, 0), axis=-1)
+    return label_terms(z_label, in_tile, w_label)
+
+
 def class_sums(z, m, w, smoothing: bool, e=None) -> Partial:
     """The sums over classes of `Partial` (label fields None) for prepared logits z
     (..., C), shift m (...,) and class weights w (C,) or None:

@@ -49,6 +49,21 @@ def _assert_trains(step, state, steps=30):
     assert losses[-1] < 0.5 * losses[0], losses[:: steps // 6]
 
 
+def _assert_adam_trains(value_and_grad, params, apply_updates, arrays=lambda p: p, jit=jax.jit):
+    """`_assert_trains` with optax's Adam: value_and_grad(params) -> (loss, grads),
+    `apply_updates` the framework's, `arrays` the optimised leaves of params."""
+    optimizer = optax.adam(3e-2)
+
+    @jit
+    def step(state):
+        params, opt_state = state
+        value, grads = value_and_grad(params)
+        updates, opt_state = optimizer.update(grads, opt_state, arrays(params))
+        return (apply_updates(params, updates), opt_state), value
+
+    _assert_trains(step, (params, optimizer.init(arrays(params))))
+
+
 class EqxLM(eqx.Module):
     body: eqx.nn.Linear
     head: eqx.nn.Linear
@@ -77,16 +92,13 @@ def test_equinox_head_weight_is_w():
     want = eqx.filter_jit(eqx.filter_value_and_grad(reference))(model, x, labels)
     _assert_same_grads(got, want)
 
-    optimizer = optax.adam(3e-2)
-
-    @eqx.filter_jit
-    def step(state):
-        model, opt_state = state
-        value, grads = eqx.filter_value_and_grad(loss)(model, x, labels)
-        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
-        return (eqx.apply_updates(model, updates), opt_state), value
-
-    _assert_trains(step, (model, optimizer.init(eqx.filter(model, eqx.is_array))))
+    _assert_adam_trains(
+        lambda model: eqx.filter_value_and_grad(loss)(model, x, labels),
+        model,
+        eqx.apply_updates,
+        arrays=lambda model: eqx.filter(model, eqx.is_array),
+        jit=eqx.filter_jit,
+    )
 
 
 class NnxLM(nnx.Module):
@@ -156,13 +168,8 @@ def test_flax_linen_tied_embedding_table_is_w():
     want = jax.jit(jax.value_and_grad(reference))(params, tokens, labels)
     _assert_same_grads(got, want)
 
-    optimizer = optax.adam(3e-2)
-
-    @jax.jit
-    def step(state):
-        params, opt_state = state
-        value, grads = jax.value_and_grad(loss)(params, tokens, labels)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return (optax.apply_updates(params, updates), opt_state), value
-
-    _assert_trains(step, (params, optimizer.init(params)))
+    _assert_adam_trains(
+        lambda params: jax.value_and_grad(loss)(params, tokens, labels),
+        params,
+        optax.apply_updates,
+    )

@@ -55,13 +55,13 @@ from .._stable import (
     Partial,
     block_partial,
     class_sums,
-    label_terms,
     merge_first,
     online_add,
     partial_grad,
     prepare_logits,
     rescale,
     safe_shift,
+    tile_label_terms,
 )
 from ..linear.blocks import take_block
 from ..linear.mesh import varying_like
@@ -205,11 +205,8 @@ def _stats_kernel(*refs, n, v, d, tiles, per, config: Config):
         z = prepare_logits(z, keep, config.softcap)
         cw = _class_weights(ins, t)
         # The label's logit and weight: one compare per logit, on chip.
-        is_label = (t.col[None, :] == labels[:, None]) & t.col_ok[None, :]
-        in_tile = jnp.sum(is_label.astype(jnp.int32), axis=-1) > 0
-        z_label = jnp.sum(jnp.where(is_label, z, 0), axis=-1)
-        w_label = None if cw is None else jnp.sum(jnp.where(is_label, cw[None, :], 0), axis=-1)
-        labelled = label_terms(z_label, in_tile, w_label)
+        labelled = tile_label_terms(z, t.col[None, :], labels, t.col_ok[None, :],
+                                    None if cw is None else cw[None, :])  # fmt: skip
 
         def tile_sums(m):
             return class_sums(z, m, cw, config.smoothing)._replace(**labelled)
@@ -262,10 +259,12 @@ def _combined(out: StatsOut) -> StatsOut:
 def _stats_launch(config: Config, ops: Operands) -> StatsOut:
     n, d = ops.x.shape
     v = ops.class_mask.shape[0]
-    tiles = tile_sizes(n, v, d, config)
-    num_segments, per = segments(n, v, tiles)
-    # Mosaic writes (N, 1) columns, one segment (`fused_head_tpu`); Triton (S, N) rows.
-    shape = (n, 1) if config.mosaic else (num_segments, n)
+    if config.mosaic:  # (N, 1) columns, one segment (`fused_head_tpu`)
+        shape = (n, 1)
+    else:  # (S, N) rows: S segments of the classes
+        tiles = tile_sizes(n, v, d, config)
+        num_segments, per = segments(n, v, tiles)
+        shape = (num_segments, n)
     seg = _like(ops.x, shape, jnp.float32)
     extra = dict(kw_sum=seg, below_max=seg, count=seg) if config.smoothing else {}
     w_label = seg if ops.class_weights is not None else None

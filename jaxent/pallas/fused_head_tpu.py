@@ -48,9 +48,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .._stable import Partial, class_sums, label_terms, online_add, partial_grad, prepare_logits
+from .._stable import (
+    Partial,
+    class_sums,
+    online_add,
+    partial_grad,
+    prepare_logits,
+    tile_label_terms,
+)
 from .fused_head import StatsOut
 from .row_stats import _like, argmax_step
+from .row_stats_tpu import Chunk, each_chunk, int8_mask
 
 # Default tile: 512 rows x 1024 classes of float32 logits (a 2 MiB accumulator), the
 # hidden size 512 at a time (256 for float32 inputs, whose blocks are twice the bytes):
@@ -98,13 +106,13 @@ def _accumulate(x_ref, w_ref, acc_ref, d: int, k):
 
 
 class _Chunk:
-    """Rows [r * chunk, (r + 1) * chunk) of class tile j: their logits, which are kept,
-    and loads/stores of the row block's (rows, 1) columns. (The program ids are read
-    at the kernel's top level: the interpreter does not see them inside a loop.)"""
+    """A chunk of rows (`row_stats_tpu.Chunk`) of class tile j: their logits, which are
+    kept, and loads/stores of the row block's (rows, 1) columns. (The program ids are
+    read at the kernel's top level: the interpreter does not see them inside a loop.)"""
 
-    def __init__(self, r, j, chunk, v, refs, acc_ref):
+    def __init__(self, ch: Chunk, j, chunk, v, refs, acc_ref):
         x_ref, w_ref, bias_ref, cw_ref, cm_ref, lm_ref, labels_ref = refs
-        self.at = pl.ds(pl.multiple_of(r * chunk, chunk), chunk)
+        self.r, self.at, self.now, self.store = ch.r, ch.at, ch.now, ch.store
         classes = acc_ref.shape[1]
         self.col = j * classes + lax.broadcasted_iota(jnp.int32, (chunk, classes), 1)
         z = acc_ref[self.at, :]
@@ -116,18 +124,6 @@ class _Chunk:
         self.z, self.keep = z, keep
         self.weights = None if cw_ref is None else jnp.where(self.col < v, cw_ref[...], 0.0)
         self.labels = self.now(labels_ref)
-
-    def now(self, ref):
-        return ref[self.at, :][:, 0]
-
-    def store(self, ref, value):
-        ref[self.at, :] = value[:, None]
-
-
-def _per_chunk(acc_ref, chunk, body):
-    # int32 bounds: Mosaic has no 64-bit integers, which Python ints become under x64.
-    n_chunks = jnp.int32(acc_ref.shape[0] // chunk)
-    lax.fori_loop(jnp.int32(0), n_chunks, lambda r, _: body(r), None)
 
 
 def _stats_kernel(_, *refs, v, d, chunk, config):
@@ -145,17 +141,11 @@ def _stats_kernel(_, *refs, v, d, chunk, config):
 
     @pl.when(k == last)
     def _():
-        def rows_of(r):
-            c = _Chunk(r, j, chunk, v, ins, acc_ref)
+        def rows_of(ch):
+            c = _Chunk(ch, j, chunk, v, ins, acc_ref)
             z = prepare_logits(c.z, c.keep, config.softcap)
             # The label's logit and weight: one compare per logit, on chip.
-            is_label = (c.col == c.labels[:, None]) & (c.col < v)
-            in_tile = jnp.max(is_label.astype(jnp.int32), axis=-1) > 0  # int32 under x64 too
-            z_label = jnp.sum(jnp.where(is_label, z, 0), axis=-1)
-            w_label = None
-            if c.weights is not None:
-                w_label = jnp.sum(jnp.where(is_label, c.weights, 0), axis=-1)
-            labelled = label_terms(z_label, in_tile, w_label)
+            labelled = tile_label_terms(z, c.col, c.labels, c.col < v, c.weights)
 
             def tile_sums(m):
                 return class_sums(z, m, c.weights, config.smoothing)._replace(**labelled)
@@ -170,7 +160,7 @@ def _stats_kernel(_, *refs, v, d, chunk, config):
             for ref, value in zip(jax.tree.leaves(out.sums), jax.tree.leaves(sums), strict=True):
                 c.store(ref, value)
 
-        _per_chunk(acc_ref, chunk, rows_of)
+        each_chunk(acc_ref.shape[0], chunk, rows_of)
 
 
 def _grad_kernel(_, *refs, n, v, d, chunk, config):
@@ -185,9 +175,9 @@ def _grad_kernel(_, *refs, n, v, d, chunk, config):
         if db_ref is not None:
             db_ref[...] = jnp.zeros(db_ref.shape, db_ref.dtype)
 
-        def rows_of(r):
-            c = _Chunk(r, j, chunk, v, ins, acc_ref)
-            row = i * rows + r * chunk + lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+        def rows_of(ch):
+            c = _Chunk(ch, j, chunk, v, ins, acc_ref)
+            row = i * rows + c.r * chunk + lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
             row_ok = row < n  # (chunk, 1): Mosaic cannot reshape booleans (`column`)
             ct = Partial(s=c.now(s_ref), z_label=c.now(zl_ref), label_hits=None,
                          below_max=None if bm_ref is None else c.now(bm_ref))  # fmt: skip
@@ -200,7 +190,7 @@ def _grad_kernel(_, *refs, n, v, d, chunk, config):
             if db_ref is not None:
                 db_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
 
-        _per_chunk(acc_ref, chunk, rows_of)
+        each_chunk(acc_ref.shape[0], chunk, rows_of)
 
 
 def _num_classes(ops) -> int:
@@ -222,8 +212,7 @@ def _specs(ops, tiles):
         per_class(ops.bias),
         per_class(ops.class_weights),
         per_class(ops.class_mask, jnp.int32),
-        # Pallas would pass a boolean mask as int32 (4 bytes a logit); int8 is 1.
-        None if ops.logit_mask is None else ops.logit_mask.astype(jnp.int8),
+        int8_mask(ops.logit_mask),
         ops.labels.astype(jnp.int32).reshape(-1, 1),
     )
     if ops.block is None:

@@ -31,6 +31,7 @@ for the kernel (C=1000: 5). Not timed on a TPU, hence opt-in (`jaxent.pallas`).
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,36 @@ def tile_sizes(n: int, c: int, block_rows: int | None, block_classes: int | None
     rows = min(rows, -(-n // 8) * 8)
     chunk = min(CHUNK, rows & -rows)  # the largest power of two dividing rows, <= CHUNK
     return rows, classes, chunk
+
+
+class Chunk(NamedTuple):
+    """Rows [r * size, (r + 1) * size) of a kernel's block (`each_chunk`): `at` slices
+    them; `now` / `store` read and write their entries of a (rows, 1) column ref."""
+
+    r: Any
+    at: Any
+
+    def now(self, ref):
+        return ref[self.at, :][:, 0]
+
+    def store(self, ref, value):
+        ref[self.at, :] = value[:, None]
+
+
+def each_chunk(rows: int, size: int, body) -> None:
+    """body(Chunk) for each `size` rows of a block of `rows`, in a loop."""
+
+    def step(r, _):
+        body(Chunk(r, pl.ds(pl.multiple_of(r * size, size), size)))
+
+    # int32 bounds: Mosaic has no 64-bit integers, which Python ints become under x64.
+    lax.fori_loop(jnp.int32(0), jnp.int32(rows // size), step, None)
+
+
+def int8_mask(mask):
+    """A boolean mask as a kernel takes it: Pallas would pass bool as int32 (4 bytes an
+    entry); int8 is 1. Read back with `ref[...] != 0`."""
+    return None if mask is None else mask.astype(jnp.int8)
 
 
 def _start(out: Out) -> Out:
@@ -102,17 +133,11 @@ def _kernel(x_ref, t_ref, mask_ref, w_ref, out: Out, key, *, c, chunk, config):
         if key is not None:
             key[...] = jnp.full(key.shape, -jnp.inf, key.dtype)
 
-    def rows_of(r):
-        at = pl.ds(pl.multiple_of(r * chunk, chunk), chunk)
+    def rows_of(ch: Chunk):
+        now, store = ch.now, ch.store
 
         def load(ref):
-            return ref[at, :]
-
-        def now(ref):
-            return load(ref)[:, 0]
-
-        def store(ref, value):
-            ref[at, :] = value[:, None]
+            return ref[ch.at, :]
 
         mask = in_range
         if mask_ref is not None:
@@ -140,8 +165,7 @@ def _kernel(x_ref, t_ref, mask_ref, w_ref, out: Out, key, *, c, chunk, config):
         for ref, value in zip(jax.tree.leaves(out.sums), jax.tree.leaves(sums), strict=True):
             store(ref, value)
 
-    # int32 bounds: Mosaic has no 64-bit integers, which Python ints become under x64.
-    lax.fori_loop(jnp.int32(0), jnp.int32(rows // chunk), lambda r, _: rows_of(r), None)
+    each_chunk(rows, chunk, rows_of)
 
 
 def call(config, x, t, mask, weights, out_shape: Out) -> Out:
@@ -173,8 +197,7 @@ def call(config, x, t, mask, weights, out_shape: Out) -> Out:
     )(
         x,
         t,
-        # Pallas would pass a boolean mask as int32 (4 bytes a logit); int8 is 1.
-        None if mask is None else mask.astype(jnp.int8),
+        int8_mask(mask),
         None if weights is None else weights.reshape(1, c),
     )
     return jax.tree.map(lambda a: a[:, 0], outs)

@@ -250,14 +250,12 @@ def test_lowers_for_tpu_reading_w_in_place(monkeypatch, shape, dtype, view):
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (CI simulates 8 CPUs)")
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("platform", [pytest.param("cuda", marks=lowering_skip), "tpu"])
 def test_lowers_data_parallel_inside_shard_map(monkeypatch, platform):
     """A data-parallel step as users write it: shard_map with its default
     check_vma=True, x and labels split over 4 devices, w and bias replicated, the mean
     over the whole batch (`batch_axis_name`). Both kernels' outputs are typed as
     varying like x, so it lowers (Triton's for CUDA, Mosaic's for TPU)."""
-    if platform == "cuda" and lowering_skip.mark.args[0]:
-        pytest.skip(lowering_skip.mark.kwargs["reason"])
     backend = "gpu" if platform == "cuda" else "tpu"
     monkeypatch.setattr(jax, "default_backend", lambda: backend)  # the choice as there
     mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
