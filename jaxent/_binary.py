@@ -3,6 +3,12 @@
 Both are elementwise over any shape and computed from logits in the stable form
 softplus(x) = max(x, 0) + log1p(exp(-|x|)), so saturated logits never produce
 log(0). "mean" averages over the valid elements (those `where` keeps).
+
+Infinite logits are their limits, not NaN: the loss is written as
+t·softplus(-x) + (1-t)·softplus(x) with 0·inf counted as 0 (the convention
+`soft_cross_entropy` uses for dropped logits), so x = +inf with t = 1 costs 0,
+x = +inf with t < 1 costs +inf, and the gradient σ(x) - t stays finite.
+(PyTorch's `BCEWithLogitsLoss` and optax give NaN there: inf - inf.)
 """
 
 from __future__ import annotations
@@ -23,6 +29,21 @@ from ._stable import compute_dtype, option_in
 def softplus(x: jax.Array) -> jax.Array:
     """log(1 + e^x) without overflow: max(x, 0) + log1p(exp(-|x|))."""
     return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _times(c: jax.Array, a: jax.Array) -> jax.Array:
+    """c·a with 0·inf = 0, and zero (not NaN) derivatives where c is 0."""
+    return c * jnp.where(c == 0, 0, a)
+
+
+def _sigmoid_ce(x: jax.Array, t: jax.Array, p: jax.Array | float = 1.0) -> jax.Array:
+    """p·t·softplus(-x) + (1-t)·softplus(x): BCE with positive weight p.
+
+    For p = 1 this equals max(x, 0) - x·t + log1p(exp(-|x|)), summed as two
+    non-negative terms (no cancellation when t ≈ 1 and x is large) and finite-or-+inf
+    at x = ±inf.
+    """
+    return _times(p * t, softplus(-x)) + _times(1 - t, softplus(x))
 
 
 def _check_broadcastable(name: str, x: Any, shape: tuple) -> jax.Array:
@@ -73,10 +94,7 @@ def _binary_cross_entropy(
     eps = option_in(smoothing_static if smoothing is None else smoothing, dtype)
     if not (isinstance(eps, float) and eps == 0.0):
         t = jnp.where((eps >= 0) & (eps <= 1), (1 - eps) * t + eps / 2, jnp.nan)
-    if pos_weight is None:
-        loss = softplus(x) - t * x
-    else:
-        loss = pos_weight.astype(dtype) * t * softplus(-x) + (1 - t) * softplus(x)
+    loss = _sigmoid_ce(x, t, 1.0 if pos_weight is None else pos_weight.astype(dtype))
     if weights is not None:
         loss = weights.astype(dtype) * loss
     return _finish(loss, valid, reduction, axes)
@@ -157,18 +175,34 @@ def _log_one_minus_pt(x: jax.Array, t: jax.Array) -> jax.Array:
     def safe_log(a):
         return jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1)), -jnp.inf)
 
-    return jnp.logaddexp(safe_log(t) - softplus(x), safe_log(1 - t) - softplus(-x))
+    a, b = safe_log(t) - softplus(x), safe_log(1 - t) - softplus(-x)
+    # Both terms are -inf when the prediction is certain and right (x = +inf, t = 1):
+    # logaddexp's derivative there is NaN, so such elements get -inf and no derivative.
+    certain = jnp.isneginf(a) & jnp.isneginf(b)
+    lse = jnp.logaddexp(jnp.where(certain, 0, a), jnp.where(certain, 0, b))
+    return jnp.where(certain, -jnp.inf, lse)
+
+
+def _modulate(f: jax.Array, ce: jax.Array) -> jax.Array:
+    """f·ce where an infinite ce (x = ±inf on the wrong side) sends no gradient into f.
+
+    There f is constant in the limit (f' -> 0 faster than ce grows), so the exact
+    gradient is f·ce'; reverse mode would form f'·ce = 0·inf = NaN instead.
+    """
+    infinite = jnp.isinf(ce)
+    finite = _times(f, jnp.where(infinite, 0, ce))
+    return jnp.where(infinite, _times(jax.lax.stop_gradient(f), ce), finite)
 
 
 @functools.partial(jax.jit, static_argnames=("alpha", "gamma", "reduction", "axes"))
 def _focal_loss(logits, targets, where, *, alpha, gamma, reduction, axes):
     logits, targets, where = elementwise_layout((logits, targets, where), logits.shape)
     x, t, valid = _inputs(logits, targets, where)
-    ce = softplus(x) - t * x
+    ce = _sigmoid_ce(x, t)
     if gamma != 0.0:
         # (1 - p_t)^γ as exp(γ log(1 - p_t)): its derivative stays finite for γ in (0, 1)
         # and for saturated logits, where the power form gives 0 * inf.
-        ce = ce * jnp.exp(gamma * _log_one_minus_pt(x, t))
+        ce = _modulate(jnp.exp(gamma * _log_one_minus_pt(x, t)), ce)
     if alpha is not None:
         ce = (alpha * t + (1 - alpha) * (1 - t)) * ce
     return _finish(ce, valid, reduction, axes)

@@ -108,6 +108,58 @@ def test_focal_gradient_matches_finite_differences():
     check_grads(lambda x: jaxent.focal_loss(x, t, gamma=1.5), (x,), order=1, modes=["rev"])
 
 
+# Every sign of infinity against every kind of target: certain and right, certain and
+# wrong, and a soft target.
+INF_X = np.array([np.inf, -np.inf, np.inf, -np.inf, np.inf, -np.inf])
+INF_T = np.array([1.0, 0.0, 0.0, 1.0, 0.3, 0.3])
+
+
+def _limits(pos_weight=1.0, alpha=None, gamma=0.0):
+    """Loss and gradient at x = ±inf from the formulas: σ(x) is 1 or 0; a term whose
+    target mass is 0 costs 0, any other costs +inf; the gradient is α_t (1-p_t)^γ (σ-t)."""
+    sig = (INF_X > 0).astype(float)
+    wrong = np.where(sig == 1, 1 - INF_T, pos_weight * INF_T)
+    loss = np.where(wrong > 0, np.inf, 0.0)
+    p_t = sig * INF_T + (1 - sig) * (1 - INF_T)
+    alpha_t = 1.0 if alpha is None else alpha * INF_T + (1 - alpha) * (1 - INF_T)
+    return loss, alpha_t * (1 - p_t) ** gamma * (sig - INF_T)
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.0])
+def test_bce_infinite_logits_are_their_limits(pos_weight):
+    """Not NaN (PyTorch and optax give inf - inf there)."""
+    x, t = jnp.asarray(INF_X, F32), jnp.asarray(INF_T, F32)
+    opts = {} if pos_weight is None else {"pos_weight": jnp.full(6, pos_weight)}
+    loss, g = jax.value_and_grad(
+        lambda x: jaxent.binary_cross_entropy(x, t, reduction="none", **opts).sum()
+    )(x)
+    p = 1.0 if pos_weight is None else pos_weight
+    want_loss, _ = _limits(p)
+    each = jaxent.binary_cross_entropy(x, t, reduction="none", **opts)
+    np.testing.assert_array_equal(each, want_loss)
+    assert loss == np.inf
+    # d/dx [p t softplus(-x) + (1-t) softplus(x)] = (1-t) σ(x) - p t σ(-x)
+    np.testing.assert_allclose(g, np.where(INF_X > 0, 1 - INF_T, -p * INF_T), rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.25, None])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_infinite_logits_are_their_limits(alpha, gamma):
+    x, t = jnp.asarray(INF_X, F32), jnp.asarray(INF_T, F32)
+    each = jaxent.focal_loss(x, t, alpha=alpha, gamma=gamma, reduction="none")
+    g = jax.grad(lambda x: jaxent.focal_loss(x, t, alpha=alpha, gamma=gamma, reduction="sum"))(x)
+    want_loss, want_g = _limits(alpha=alpha, gamma=gamma)
+    np.testing.assert_array_equal(each, want_loss)
+    np.testing.assert_allclose(g, want_g, rtol=1e-6, atol=1e-7)
+
+
+def test_bce_certain_and_right_has_no_cancellation():
+    """t = 1, x = 40: the loss is softplus(-40) ≈ 4.2e-18, not softplus(40) - 40 = 0."""
+    loss = jaxent.binary_cross_entropy(jnp.array([40.0]), jnp.array([1.0]), reduction="none")
+    want = oracles.binary_cross_entropy(np.array([40.0]), np.array([1.0]), reduction="none")
+    assert oracles.rel_err(loss, want) < 1e-5 and loss[0] > 0
+
+
 def test_where_drops_elements_and_their_gradients():
     x, t = make(7)
     x = x.at[0, 0].set(jnp.nan)
