@@ -32,8 +32,9 @@ def softplus(x: jax.Array) -> jax.Array:
 
 
 def _times(c: jax.Array, a: jax.Array) -> jax.Array:
-    """c·a with 0·inf = 0, and zero (not NaN) derivatives where c is 0."""
-    return c * jnp.where(c == 0, 0, a)
+    """c·a with 0·inf = 0. Only there is the derivative in c 0 (not NaN; its true value
+    is infinite); elsewhere it is a, also where c is 0 (a target of exactly 0 or 1)."""
+    return c * jnp.where((c == 0) & jnp.isinf(a), 0, a)
 
 
 def _sigmoid_ce(x: jax.Array, t: jax.Array, p: jax.Array | float = 1.0) -> jax.Array:
@@ -183,6 +184,46 @@ def _log_one_minus_pt(x: jax.Array, t: jax.Array) -> jax.Array:
     return jnp.where(certain, -jnp.inf, lse)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _focal_factor(x: jax.Array, t: jax.Array, gamma: float) -> jax.Array:
+    """(1 - p_t)^γ as exp(γ L), L = log(1 - p_t): finite for saturated logits."""
+    return jnp.exp(gamma * _log_one_minus_pt(x, t))
+
+
+def _focal_factor_jvp(gamma, primals, tangents):
+    """The derivatives of (1 - p_t)^γ written out, because the chain rule through L
+    meets 0·inf: at t = 0 or 1 (d log t / dt = inf times a weight of 0) and for certain
+    predictions (L = -inf). With 1 - p_t = t σ(-x) + (1 - t) σ(x):
+
+        ∂/∂x = γ (1 - 2t) σ(x) σ(-x) (1 - p_t)^(γ-1)
+             = γ (1 - 2t) exp((γ-1) L - softplus(x) - softplus(-x))   (0 when L = -inf)
+        ∂/∂t = γ (σ(-x) - σ(x)) (1 - p_t)^(γ-1)   (infinite at L = -inf for γ < 1)
+
+    Tangents come as symbolic zeros when an input is not differentiated, so that the
+    infinite ∂/∂t never meets a zero tangent of t (a gradient in x alone).
+    """
+    x, t = primals
+    dx, dt = tangents
+    log_gap = _log_one_minus_pt(x, t)
+    out = jnp.exp(gamma * log_gap)
+    certain = jnp.isneginf(log_gap)
+    # (γ-1) L; L = -inf only with σ(x) σ(-x) = 0, where ∂/∂x is 0 and (γ-1)·-inf could be NaN.
+    power = 0.0 if gamma == 1.0 else (gamma - 1) * jnp.where(certain, 0, log_gap)
+    tangent = jnp.zeros_like(out)
+    if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+        slope = jnp.exp(power - softplus(x) - softplus(-x))
+        tangent += gamma * (1 - 2 * t) * jnp.where(certain, 0, slope) * dx
+    if not isinstance(dt, jax.custom_derivatives.SymbolicZero):
+        gap_power = jnp.where(certain & (gamma < 1), jnp.inf, jnp.exp(power))
+        if gamma > 1:
+            gap_power = jnp.where(certain, 0, gap_power)
+        tangent += gamma * (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * gap_power * dt
+    return out, tangent
+
+
+_focal_factor.defjvp(_focal_factor_jvp, symbolic_zeros=True)
+
+
 def _modulate(f: jax.Array, ce: jax.Array) -> jax.Array:
     """f·ce where an infinite ce (x = ±inf on the wrong side) sends no gradient into f.
 
@@ -200,9 +241,9 @@ def _focal_loss(logits, targets, where, *, alpha, gamma, reduction, axes):
     x, t, valid = _inputs(logits, targets, where)
     ce = _sigmoid_ce(x, t)
     if gamma != 0.0:
-        # (1 - p_t)^γ as exp(γ log(1 - p_t)): its derivative stays finite for γ in (0, 1)
-        # and for saturated logits, where the power form gives 0 * inf.
-        ce = _modulate(jnp.exp(gamma * _log_one_minus_pt(x, t)), ce)
+        # (1 - p_t)^γ in log space: its derivative stays finite for γ in (0, 1) and for
+        # saturated logits, where the power form gives 0 * inf.
+        ce = _modulate(_focal_factor(x, t, gamma), ce)
     if alpha is not None:
         ce = (alpha * t + (1 - alpha) * (1 - t)) * ce
     return _finish(ce, valid, reduction, axes)

@@ -277,7 +277,7 @@ def cross_entropy(
         f"It must be `logits.shape` {tuple(opts['logits'].shape)} without the class axis "
         f"(axis={opts['axis']}).",
     )
-    ignore_index = _checks.check_ignore_index(ignore_index)
+    ignore_index = _checks.check_ignore_index(ignore_index, labels)
     return _cross_entropy(
         opts["logits"],
         labels,

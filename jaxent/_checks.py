@@ -194,7 +194,9 @@ def check_block_size(value: Any, implementation: str | None) -> int | tuple[int,
     return block, sub
 
 
-def check_ignore_index(ignore_index: Any) -> int | None:
+def check_ignore_index(ignore_index: Any, labels: jax.Array | None = None) -> int | None:
+    """An int or None; with `labels` (as `check_integer` returns them), one their dtype
+    holds: it is compared with them on the device."""
     if ignore_index is None:
         return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
@@ -202,6 +204,13 @@ def check_ignore_index(ignore_index: Any) -> int | None:
             f"`ignore_index` must be an int (e.g. -100) or None, got {ignore_index!r} "
             f"({type(ignore_index).__name__})."
         )
+    if labels is not None:
+        info = np.iinfo(labels.dtype)
+        if not info.min <= ignore_index <= info.max:
+            raise ValueError(
+                f"`ignore_index` must lie in the range of the labels' dtype {labels.dtype} "
+                f"[{info.min}, {info.max}], got {ignore_index}."
+            )
     return int(ignore_index)
 
 

@@ -172,8 +172,9 @@ def kl_divergence(
       temperature: T > 0 (Python float).
       where: bool, positions-shaped (drops positions) or logits-shaped (drops classes
         from both distributions).
-      reduction: "none", "sum" or "mean" over valid positions (PyTorch's "batchmean",
-        the mathematically correct mean; PyTorch's own "mean" also divides by C).
+      reduction: "none", "sum" or "mean" over valid positions (for (N, C) inputs
+        PyTorch's "batchmean", the mathematically correct mean; PyTorch's own "mean"
+        also divides by C).
       vocab_axis_name / batch_axis_name: as in `cross_entropy`.
 
     A `-inf` target logit (zero target probability) contributes exactly 0; a target

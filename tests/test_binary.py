@@ -153,6 +153,51 @@ def test_focal_infinite_logits_are_their_limits(alpha, gamma):
     np.testing.assert_allclose(g, want_g, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("pos_weight", [None, 0.0, 2.0])
+def test_bce_gradient_in_targets_and_pos_weight(pos_weight):
+    """d/dt [p t softplus(-x) + (1-t) softplus(x)] = p softplus(-x) - softplus(x), also at
+    t = 0 and t = 1 (a saturated teacher's σ); d/dp = t softplus(-x), also at p = 0."""
+    x = jnp.array([0.5, -1.0, 2.0, 4.0, -3.0, 0.0])
+    t = jnp.array([0.0, 1.0, 0.5, 1.0, 0.0, 1.0])
+    p = jnp.full(6, 1.0 if pos_weight is None else pos_weight)
+    opts = {} if pos_weight is None else {"pos_weight": p}
+    g_t = jax.grad(lambda t: jaxent.binary_cross_entropy(x, t, reduction="sum", **opts))(t)
+    sp_pos, sp_neg = np.logaddexp(0, np.asarray(x, float)), np.logaddexp(0, -np.asarray(x, float))
+    np.testing.assert_allclose(g_t, np.asarray(p) * sp_neg - sp_pos, rtol=1e-6, atol=1e-7)
+    if pos_weight is not None:
+        g_p = jax.grad(lambda p: jaxent.binary_cross_entropy(x, t, pos_weight=p, reduction="sum"))(
+            p
+        )
+        np.testing.assert_allclose(g_p, np.asarray(t) * sp_neg, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_focal_gradient_in_targets_matches_the_oracle(gamma):
+    """Central differences of the float64 oracle, also at t = 0 and t = 1, where the
+    chain rule through log(1 - p_t) meets 0·inf."""
+    x = np.array([0.5, -1.0, 2.0, 3.0, -2.5, 0.0])
+    t = np.array([0.0, 1.0, 0.5, 1.0, 0.0, 0.3])
+    got = jax.grad(lambda t: jaxent.focal_loss(x, t, gamma=gamma, reduction="sum"))(
+        jnp.asarray(t, F32)
+    )
+    h = 1e-6
+    want = [
+        (
+            oracles.focal_loss(x, t + h * e, gamma=gamma, reduction="sum")
+            - oracles.focal_loss(x, t - h * e, gamma=gamma, reduction="sum")
+        )
+        / (2 * h)
+        for e in np.eye(6)
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_focal_second_derivatives_match_finite_differences():
+    x, t = make(8, shape=(6,), scale=2.0, dtype=jnp.float64)
+    t = t.astype(jnp.float64)
+    check_grads(lambda x: jaxent.focal_loss(x, t, gamma=1.5), (x,), order=2, modes=["rev"])
+
+
 def test_bce_certain_and_right_has_no_cancellation():
     """t = 1, x = 40: the loss is softplus(-40) ≈ 4.2e-18, not softplus(40) - 40 = 0."""
     loss = jaxent.binary_cross_entropy(jnp.array([40.0]), jnp.array([1.0]), reduction="none")

@@ -118,3 +118,19 @@ def test_64_bit_host_labels_without_x64_are_clipped_not_wrapped():
     np.testing.assert_array_equal(widened, [1, 2**31 - 1, -(2**31), 3])
     loss = np.asarray(loss)
     assert np.isfinite(loss[[0, 3]]).all() and np.isnan(loss[[1, 2]]).all()
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_ignore_index_outside_the_labels_dtype_names_the_argument(loss):
+    """Compared with int32 labels on the device, 2**31 would fail inside jit with an
+    OverflowError that names no argument."""
+    labels = jnp.array([0, 1], jnp.int32)
+    if loss == "cross_entropy":
+        call = lambda i: jaxent.cross_entropy(jnp.zeros((2, 3)), labels, ignore_index=i)
+    else:
+        call = lambda i: jaxent.linear_cross_entropy(
+            jnp.zeros((2, 4)), jnp.zeros((3, 4)), labels, ignore_index=i
+        )
+    with pytest.raises(ValueError, match=r"`ignore_index` must lie in the range of .* int32"):
+        call(2**31)
+    assert np.isfinite(call(-(2**31)))

@@ -501,7 +501,7 @@ def linear_cross_entropy(
         reduction=_checks.check_reduction(reduction),
         return_aux=_checks.check_bool("return_aux", return_aux),
         softcap=_checks.check_positive_or_none("softcap", softcap),
-        ignore_index=_checks.check_ignore_index(ignore_index),
+        ignore_index=_checks.check_ignore_index(ignore_index, labels),
         ls_static=ls_static,
         zl_static=zl_static,
         **_checks.check_axis_names(vocab_axis_name, batch_axis_name),
