@@ -31,11 +31,12 @@ def check_floating(name: str, x: Any) -> jax.Array:
     """Return `x` as an array, raising TypeError unless its dtype is floating."""
     if not hasattr(x, "dtype") and not isinstance(x, (list, tuple, float, int, np.number)):
         raise TypeError(f"`{name}` must be an array, got {type(x).__name__}.")
+    given = np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype  # before JAX's x32
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64), "
-            f"got {x.dtype}. Cast it with `{name}.astype(jnp.float32)`."
+            f"got {given}. Cast it with `{name}.astype(jnp.float32)`."
         )
     return x
 
@@ -54,10 +55,11 @@ def check_integer(name: str, x: Any) -> jax.Array:
         raise TypeError(f"`{name}` must be an integer array, got {type(x).__name__}.")
     if not isinstance(x, jax.Array):
         x = _host_ids(np.asarray(x))
+    given = x.dtype  # before JAX's x32 conversion (float64 would read as float32)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(
-            f"`{name}` must have an integer dtype (class ids), got {x.dtype}. "
+            f"`{name}` must have an integer dtype (class ids), got {given}. "
             "For probability targets use `soft_cross_entropy`."
         )
     wide = jnp.dtype(jnp.int64 if x.dtype.itemsize == 8 else jnp.int32)

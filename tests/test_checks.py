@@ -134,3 +134,12 @@ def test_ignore_index_outside_the_labels_dtype_names_the_argument(loss):
     with pytest.raises(ValueError, match=r"`ignore_index` must lie in the range of .* int32"):
         call(2**31)
     assert np.isfinite(call(-(2**31)))
+
+
+def test_dtype_errors_name_the_dtype_given_not_the_converted_one():
+    """Without x64, JAX would turn NumPy float64 into float32 before the check."""
+    with jax.enable_x64(False):
+        with pytest.raises(TypeError, match="`labels` must have an integer dtype .* got float64"):
+            jaxent.cross_entropy(jnp.zeros((3, 4)), np.zeros(3))
+        with pytest.raises(TypeError, match="`logits` must have a floating dtype .* got int64"):
+            jaxent.cross_entropy(np.zeros((3, 4), np.int64), jnp.zeros(3, jnp.int32))
