@@ -182,7 +182,12 @@ def check_block_size(value: Any, implementation: str | None) -> int | tuple[int,
     divides the first."""
     if not isinstance(value, tuple):
         return check_positive_int_or_none("block_size", value)
-    if implementation not in (None, "chunked") or len(value) != 2:
+    if len(value) != 2:
+        raise ValueError(
+            "`block_size` must be an int or a pair (tokens per block, tokens per "
+            f"sub-block), got a tuple of {len(value)}: {value!r}."
+        )
+    if implementation not in (None, "chunked"):
         raise ValueError(
             "`block_size` may be a pair (tokens per block, tokens per sub-block) only for "
             f"implementation 'chunked' (or None); got {value!r} with {implementation!r}."

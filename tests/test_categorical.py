@@ -619,3 +619,38 @@ def test_aux_values_are_float32_like_the_loss():
     for name, value in aux._asdict().items():
         assert value.dtype == jnp.float32, (name, value.dtype)
     assert aux.num_valid == 4
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_traced_smoothing_and_z_loss_get_their_gradient(soft):
+    """l is affine in ε and λ: its derivatives against central differences of the
+    float64 oracle."""
+    logits = jax.random.normal(jax.random.PRNGKey(11), (6, 5)) * 2
+    labels = jnp.array([0, 4, 2, 2, 1, 3])
+    w = jnp.linspace(0.5, 2.0, 5)
+
+    def ours(ls, zl):
+        if soft:
+            t = jax.nn.one_hot(labels, 5)
+            return jaxent.soft_cross_entropy(
+                logits, t, class_weights=w, label_smoothing=ls, z_loss=zl
+            )
+        return jaxent.cross_entropy(logits, labels, class_weights=w, label_smoothing=ls, z_loss=zl)
+
+    def oracle(ls, zl):
+        if soft:
+            t = np.eye(5)[np.asarray(labels)]
+            return oracles.soft_cross_entropy(
+                logits, t, class_weights=w, label_smoothing=ls, z_loss=zl
+            )
+        return oracles.cross_entropy(
+            logits, labels, class_weights=w, label_smoothing=ls, z_loss=zl
+        )[0]
+
+    got = jax.grad(ours, argnums=(0, 1))(jnp.float32(0.1), jnp.float32(0.01))
+    h = 1e-4
+    want = (
+        (oracle(0.1 + h, 0.01) - oracle(0.1 - h, 0.01)) / (2 * h),
+        (oracle(0.1, 0.01 + h) - oracle(0.1, 0.01 - h)) / (2 * h),
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)

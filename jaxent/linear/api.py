@@ -347,6 +347,9 @@ def _linear_cross_entropy(
         logit_mask = jnp.broadcast_to(logit_mask, x.shape[:-1] + (w.shape[0],))
     if position_mask is not None:
         position_mask = jnp.broadcast_to(position_mask, x.shape[:-1])
+    # The fused implementations' backwards give the scalar options no gradient; the
+    # reference follows them, so that every implementation differentiates alike.
+    ls, zl = (None if v is None else lax.stop_gradient(v) for v in (ls, zl))
     options = dict(
         ignore_index=ignore_index,
         class_weights=class_weights,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._stable import Rows, categorical_rows, logit_stats
+from .._stable import Rows, categorical_rows, compute_dtype, logit_stats
 from .blocks import put_block, strided_blocks, take_block
 from .mesh import sum_to_primal_axes, varying_like
 from .reference import project
@@ -159,7 +159,7 @@ def _block_grads(st: Static, ops: Operands, block, cotangent=None):
     subs = tuple(_split(st, a) for a in block)
     cts = _split(st, cotangent)
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
-    acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
+    acc = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
 
     def step(carry, j):
         xs, labels, pmask, lmask = (take_block(a, j) for a in subs)
@@ -213,10 +213,10 @@ def _block_step(st: Static, ops: Operands, carry, i, cotangent=None):
 
 
 def _zero_acc(st: Static, ops: Operands):
-    """Float32 (float64 for float64 w) accumulators for dw and dbias, and the (B, nb, D)
+    """Float32 (float64 for a float64 x or w) accumulators for dw and dbias, and the (B, nb, D)
     dx buffer in x's dtype that each block's dx is written into (summed over the
     vocabulary shards before, so it does not vary over that axis)."""
-    acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
+    acc = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
     refs = jax.tree.leaves(ops)
     db = None if ops.bias is None else varying_like(jnp.zeros(ops.bias.shape, acc), refs)
     dx = varying_like(jnp.zeros(ops.x.shape, ops.x.dtype), refs, st.vocab_axis_name)

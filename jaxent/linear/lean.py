@@ -37,6 +37,7 @@ from .._stable import (
     block_partial,
     class_offset,
     combine_shards,
+    compute_dtype,
     finish_rows,
     is_off,
     logit_partial,
@@ -207,7 +208,7 @@ def _kernel_grad(st: Static, ops: Operands, i, ct_sums: Partial, m):
 def _statistics(st: Static, ops: Operands):
     """One pass over the vocabulary blocks: whole-row (Partial, best, first)."""
     n = ops.x.shape[0]
-    dtype = jnp.float64 if ops.x.dtype == jnp.float64 else jnp.float32
+    dtype = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))  # the logits' (`project`)
 
     def step(carry, i):
         total, best, first = carry
@@ -270,7 +271,7 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
     # The block's sums vary over every mesh axis of the operands (they are local to a
     # vocabulary shard); the whole-row sums' cotangents may vary over fewer.
     ct_sums = jax.tree.map(lambda c: varying_like(c, refs), ct_sums)
-    acc = jnp.float64 if ops.w.dtype == jnp.float64 else jnp.float32
+    acc = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
 
     def block_grad(carry, i):

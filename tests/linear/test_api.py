@@ -359,6 +359,7 @@ def test_numpy_int_block_size_is_accepted():
         ({"block_size": 2.0}, TypeError, "`block_size` must be a positive int"),
         ({"block_size": (8, 3)}, ValueError, r"the sub-block to divide the block, got \(8, 3\)"),
         ({"block_size": (8, 0)}, ValueError, "`block_size` must be a positive int"),
+        ({"block_size": (4, 2, 1)}, ValueError, r"or a pair .*, got a tuple of 3: \(4, 2, 1\)"),
         (
             {"block_size": (8, 2), "implementation": "lean"},
             ValueError,
@@ -406,3 +407,44 @@ def test_scheduled_smoothing_out_of_range_makes_the_gradients_nan(case):
         argnums=(0, 1),
     )(x, w)  # fmt: skip
     assert np.isnan(loss) and np.isnan(np.asarray(dx)).all() and np.isnan(np.asarray(dw)).all()
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["reference"])
+def test_scalar_options_get_no_gradient_in_any_implementation(case):
+    """The fused backwards return none for traced `label_smoothing` / `z_loss`; the
+    reference stops it too, so that switching implementations never changes a gradient
+    (the plain losses differentiate them: tests/test_categorical.py)."""
+    impl, block_size = CASES.get(case, ("xla", None))
+    x, w, labels, _ = make(3, lead=(6,))
+    grads = jax.grad(
+        lambda ls, zl: jaxent.linear_cross_entropy(
+            x, w, labels, label_smoothing=ls, z_loss=zl, implementation=impl,
+            block_size=block_size,
+        ),
+        argnums=(0, 1),
+    )(jnp.float32(0.1), jnp.float32(0.01))  # fmt: skip
+    assert grads == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("case", ["chunked", "lean", "lean grouped", "default"])
+@pytest.mark.parametrize("dtypes", [(F32, jnp.float64), (jnp.float64, F32)])
+def test_one_float64_operand_computes_in_float64(case, dtypes):
+    """The logits are float64 when x or w is (`project`): so are every implementation's
+    statistics ("lean"'s carry was float32 for float32 x and float64 w)."""
+    impl, block_size = CASES[case]
+    x, w, labels, bias = make(4, lead=(6,))
+    x, w = x.astype(dtypes[0]), w.astype(dtypes[1])
+
+    def loss(x, w, impl, block_size):
+        return jaxent.linear_cross_entropy(
+            x, w, labels, bias=bias, label_smoothing=0.1, implementation=impl,
+            block_size=block_size,
+        )  # fmt: skip
+
+    got = jax.value_and_grad(loss, argnums=(0, 1))(x, w, impl, block_size)
+    want = jax.value_and_grad(loss, argnums=(0, 1))(x, w, "xla", None)
+    assert got[0].dtype == jnp.float64
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    # Each gradient in its operand's dtype: the float32 one rounded from float64.
+    chex.assert_trees_all_close(got[1], want[1], rtol=1e-6, atol=1e-8)
+    chex.assert_trees_all_equal_dtypes(got, want)
