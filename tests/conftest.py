@@ -19,3 +19,11 @@ jax.config.update("jax_enable_x64", True)
 # `Precision.HIGHEST`) then agree to float32 rounding wherever the suite runs. CPU
 # matmuls are float32 anyway.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from hypothesis import settings  # noqa: E402
+
+# The property tests draw the same examples on every run, so that CI is repeatable;
+# HYPOTHESIS_PROFILE=explore draws new ones (a local fuzzing run).
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))

@@ -654,3 +654,39 @@ def test_traced_smoothing_and_z_loss_get_their_gradient(soft):
         (oracle(0.1, 0.01 + h) - oracle(0.1, 0.01 - h)) / (2 * h),
     )
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    c=st.integers(1, 9),
+    seed=st.integers(0, 10_000),
+    options=st.fixed_dictionaries(
+        {},
+        optional={
+            "class_weights": st.just(True),
+            "label_smoothing": st.sampled_from([0.05, 0.3, 1.0]),
+            "z_loss": st.sampled_from([1e-3, 0.1]),
+            "softcap": st.sampled_from([0.5, 3.0]),
+            "ignore_index": st.sampled_from([0, 2]),
+        },
+    ),
+    where_kind=st.sampled_from([None, "positions", "logits"]),
+    reduction=st.sampled_from(["none", "sum", "mean"]),
+)
+def test_random_option_combinations_match_oracle(n, c, seed, options, where_kind, reduction):
+    """Any mix of the options, at any small size, value and gradient against the oracle."""
+    logits, labels = make(seed, (n,), c)
+    opts = resolve(options, c)
+    where = where_for(where_kind, logits, labels, seed=seed + 1)
+
+    def ours(x):
+        return jaxent.cross_entropy(x, labels, where=where, reduction=reduction, **opts)
+
+    def oracle(x):
+        return oracles.cross_entropy(x, labels, where=where, reduction=reduction, **opts)[0]
+
+    got, got_grad = jax.value_and_grad(lambda x: jnp.sum(ours(x)))(logits)
+    assert oracles.rel_err(ours(logits), oracle(logits)) < 1e-5
+    want_grad = oracle_grad(lambda x: np.sum(oracle(x)), logits)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5)
