@@ -347,9 +347,6 @@ def _linear_cross_entropy(
         logit_mask = jnp.broadcast_to(logit_mask, x.shape[:-1] + (w.shape[0],))
     if position_mask is not None:
         position_mask = jnp.broadcast_to(position_mask, x.shape[:-1])
-    # The fused implementations' backwards give the scalar options no gradient; the
-    # reference follows them, so that every implementation differentiates alike.
-    ls, zl = (None if v is None else lax.stop_gradient(v) for v in (ls, zl))
     options = dict(
         ignore_index=ignore_index,
         class_weights=class_weights,
@@ -443,8 +440,8 @@ def linear_cross_entropy(
         one is close, so `w` is used in place — and split like `w` under jit when its
         rows are split over up to 8 devices).
 
-    Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32),
-    not to `class_weights` or the scalar options. The matmuls run in the inputs'
+    Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32)
+    and to `label_smoothing` and `z_loss` given as arrays, not to `class_weights`. The matmuls run in the inputs'
     dtype with float32 accumulation. aux carries no gradient.
 
     Memory ("chunked"): one sub-block of float32 logits and one block of their

@@ -152,7 +152,8 @@ def _block_grads(st: Static, ops: Operands, block, cotangent=None):
     block's (B,) cotangents g.
 
     Returns (rows in block order or None, dlogits (sub_blocks, S, V) in the matmul
-    dtype, x (sub_blocks, S, D) and the bias gradient (V,) float32 or None): dlogits
+    dtype, x (sub_blocks, S, D), the bias gradient (V,) float32 or None, and the
+    gradients of the traced scalar options (ls, zl), each None when static): dlogits
     and x keep their rows in sub-block order — the matmuls only need them to agree,
     and merging the axes would interleave a split of S over devices (an all-gather).
     """
@@ -160,36 +161,50 @@ def _block_grads(st: Static, ops: Operands, block, cotangent=None):
     cts = _split(st, cotangent)
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
     acc = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
+    options = _local_options(st, ops)
 
     def step(carry, j):
         xs, labels, pmask, lmask = (take_block(a, j) for a in subs)
         logits = project(xs, ops.w, ops.bias)
 
-        def rows_of(lg):
-            return _rows(st, ops, lg, labels, pmask, lmask)
+        def rows_of(lg, ls, zl):  # the traced options (or None) differentiated too
+            return _rows(st, ops._replace(ls=ls, zl=zl), lg, labels, pmask, lmask)
 
-        def total(lg):
-            rows = rows_of(lg)
+        def total(lg, ls, zl):
+            rows = rows_of(lg, ls, zl)
             return jnp.sum(rows.loss), rows
 
         if cts is None:
-            (_, rows), dlogits = jax.value_and_grad(total, has_aux=True)(logits)
+            grad = jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True)
+            (_, rows), (dlogits, *d_options) = grad(logits, *options)
         else:
-            rows, vjp = None, jax.vjp(lambda lg: rows_of(lg).loss, logits)[1]
-            (dlogits,) = vjp(take_block(cts, j).astype(logits.dtype))
+            rows, vjp = None, jax.vjp(lambda *a: rows_of(*a).loss, logits, *options)[1]
+            dlogits, *d_options = vjp(take_block(cts, j).astype(logits.dtype))
         db = None if ops.bias is None else jnp.sum(dlogits, axis=0, dtype=acc)
-        return carry, (rows, dlogits.astype(mm), db)
+        return carry, (rows, dlogits.astype(mm), db, tuple(d_options))
 
-    rows, dlogits, db = lax.scan(step, None, _indices(st.sub_blocks))[1]
+    rows, dlogits, db, d_options = lax.scan(step, None, _indices(st.sub_blocks))[1]
     rows = None if rows is None else jax.tree.map(_in_block_order, rows)
     x = jnp.swapaxes(subs[0], 0, 1)  # (sub_blocks, S, D): the rows of dlogits
     db = None if db is None else jnp.sum(db, axis=0)
-    return rows, dlogits, x, db
+    return rows, dlogits, x, db, jax.tree.map(lambda d: jnp.sum(d, axis=0), d_options)
+
+
+def _local_options(st: Static, ops: Operands):
+    """The traced scalar options (ls, zl; None when static) made to vary like the
+    positions: differentiated so, they get this device's share of their gradient
+    (`_param_cotangents` sums the shares), where the replicated scalars would get the
+    whole mesh's sum from every device. (Not over the vocabulary axis: every vocabulary
+    shard computes the same rows.)"""
+    refs = jax.tree.leaves(ops)
+    return tuple(
+        None if v is None else varying_like(v, refs, st.vocab_axis_name) for v in (ops.ls, ops.zl)
+    )
 
 
 def _logit_grad_to_params(st: Static, ops: Operands, x, dlogits, db_block, acc):
     """dx = dlogits @ w for the block's rows (..., D in the order of x's, in x's dtype),
-    and the block's dw, db contributions added to `acc`.
+    and the block's dw, db contributions added to `acc` (dw, db).
 
     The matmuls are fed in the inputs' dtype and accumulate in float32. With a split
     vocabulary each shard holds a partial dx: sum it.
@@ -206,26 +221,29 @@ def _logit_grad_to_params(st: Static, ops: Operands, x, dlogits, db_block, acc):
 
 def _block_step(st: Static, ops: Operands, carry, i, cotangent=None):
     """One block of either backward: its gradients, dx written into its place."""
-    acc, dx = carry
-    rows, dlogits, x, db = _block_grads(st, ops, _block(ops, i), cotangent)
-    dxb, acc = _logit_grad_to_params(st, ops, x, dlogits, db, acc)
-    return (acc, put_block(dx, _in_block_order(dxb), i)), rows
+    (dw, db_acc, options_acc), dx = carry
+    rows, dlogits, x, db, d_options = _block_grads(st, ops, _block(ops, i), cotangent)
+    dxb, (dw, db_acc) = _logit_grad_to_params(st, ops, x, dlogits, db, (dw, db_acc))
+    options_acc = jax.tree.map(jnp.add, options_acc, d_options)
+    return ((dw, db_acc, options_acc), put_block(dx, _in_block_order(dxb), i)), rows
 
 
 def _zero_acc(st: Static, ops: Operands):
-    """Float32 (float64 for a float64 x or w) accumulators for dw and dbias, and the (B, nb, D)
-    dx buffer in x's dtype that each block's dx is written into (summed over the
-    vocabulary shards before, so it does not vary over that axis)."""
+    """Float32 (float64 for a float64 x or w) accumulators for dw, dbias and the traced
+    scalar options (ls, zl; None when static), and the (B, nb, D) dx buffer in x's dtype
+    that each block's dx is written into (summed over the vocabulary shards before, so
+    it does not vary over that axis)."""
     acc = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
     refs = jax.tree.leaves(ops)
     db = None if ops.bias is None else varying_like(jnp.zeros(ops.bias.shape, acc), refs)
     dx = varying_like(jnp.zeros(ops.x.shape, ops.x.dtype), refs, st.vocab_axis_name)
-    return (varying_like(jnp.zeros(ops.w.shape, acc), refs), db), dx
+    options = jax.tree.map(jnp.zeros_like, _local_options(st, ops))
+    return (varying_like(jnp.zeros(ops.w.shape, acc), refs), db, options), dx
 
 
 def _param_cotangents(ops: Operands, dx, acc, scale=1.0):
     """Cotangents for every field of `Operands` (None for the non-differentiable ones)."""
-    dw, db = acc
+    dw, db, (dls, dzl) = acc
     return Operands(
         x=sum_to_primal_axes(dx * scale, ops.x).astype(ops.x.dtype),
         w=sum_to_primal_axes(dw * scale, ops.w).astype(ops.w.dtype),
@@ -236,8 +254,8 @@ def _param_cotangents(ops: Operands, dx, acc, scale=1.0):
         position_mask=None,
         logit_mask=None,
         class_weights=None,
-        ls=None,
-        zl=None,
+        ls=None if dls is None else sum_to_primal_axes(dls * scale, ops.ls),
+        zl=None if dzl is None else sum_to_primal_axes(dzl * scale, ops.zl),
     )
 
 

@@ -266,8 +266,13 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
     # cotangents of each block's. Plain chain rule, so the backward is differentiable
     # again (second derivatives) with the saved sums' own derivatives.
     refs = jax.tree.leaves(ops)
-    loss, finish_vjp = jax.vjp(lambda t: _finish(st, ops, t, best, first).loss, total)
-    (ct_sums,) = finish_vjp(cotangents.loss.astype(loss.dtype))
+
+    def finish_loss(t, ls, zl):
+        return _finish(st, ops._replace(ls=ls, zl=zl), t, best, first).loss
+
+    # The traced scalar options (None when static) enter only here: their cotangents too.
+    loss, finish_vjp = jax.vjp(finish_loss, total, ops.ls, ops.zl)
+    ct_sums, ct_ls, ct_zl = finish_vjp(cotangents.loss.astype(loss.dtype))
     # The block's sums vary over every mesh axis of the operands (they are local to a
     # vocabulary shard); the whole-row sums' cotangents may vary over fewer.
     ct_sums = jax.tree.map(lambda c: varying_like(c, refs), ct_sums)
@@ -317,8 +322,8 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
             labels=None,
             position_mask=None,
             logit_mask=None,
-            ls=None,
-            zl=None,
+            ls=None if ct_ls is None else sum_to_primal_axes(ct_ls, ops.ls),
+            zl=None if ct_zl is None else sum_to_primal_axes(ct_zl, ops.zl),
         ),
     )
 

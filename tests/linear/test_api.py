@@ -412,20 +412,35 @@ def test_scheduled_smoothing_out_of_range_makes_the_gradients_nan(case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES) + ["reference"])
-def test_scalar_options_get_no_gradient_in_any_implementation(case):
-    """The fused backwards return none for traced `label_smoothing` / `z_loss`; the
-    reference stops it too, so that switching implementations never changes a gradient
-    (the plain losses differentiate them: tests/test_categorical.py)."""
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_traced_scalar_options_get_their_gradient(case, reduction):
+    """l is affine in ε and λ: the gradients of traced `label_smoothing` and `z_loss`
+    against central differences of the float64 oracle, through each backward."""
     impl, block_size = CASES.get(case, ("xla", None))
-    x, w, labels, _ = make(3, lead=(6,))
-    grads = jax.grad(
-        lambda ls, zl: jaxent.linear_cross_entropy(
-            x, w, labels, label_smoothing=ls, z_loss=zl, implementation=impl,
-            block_size=block_size,
-        ),
-        argnums=(0, 1),
-    )(jnp.float32(0.1), jnp.float32(0.01))  # fmt: skip
-    assert grads == (0.0, 0.0)
+    x, w, labels, bias = make(3, lead=(6,))
+    cot = jax.random.normal(jax.random.PRNGKey(4), (6,), F32) if reduction == "none" else 1.3
+    opts = dict(softcap=3.0, ignore_index=2, reduction=reduction)
+
+    def ours(ls, zl):
+        loss = jaxent.linear_cross_entropy(
+            x, w, labels, bias=bias, label_smoothing=ls, z_loss=zl, implementation=impl,
+            block_size=block_size, **opts,
+        )  # fmt: skip
+        return jnp.sum(loss * cot)
+
+    logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T + np.asarray(bias)
+
+    def oracle(ls, zl):
+        loss = oracles.cross_entropy(logits, labels, label_smoothing=ls, z_loss=zl, **opts)[0]
+        return np.sum(loss * np.asarray(cot))
+
+    got = jax.grad(ours, argnums=(0, 1))(jnp.float32(0.1), jnp.float32(0.01))
+    h = 1e-5
+    want = (
+        (oracle(0.1 + h, 0.01) - oracle(0.1 - h, 0.01)) / (2 * h),
+        (oracle(0.1, 0.01 + h) - oracle(0.1, 0.01 - h)) / (2 * h),
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["chunked", "lean", "lean grouped", "default"])

@@ -59,7 +59,8 @@ def weights_masked_logits(impl):
 
 
 def array_options_masked_positions(impl):
-    """Smoothing and z-loss as arrays, a positions mask, ignore_index=-100."""
+    """Smoothing and z-loss as arrays (differentiated too), a positions mask,
+    ignore_index=-100."""
     k = _keys(1, 4)
     labels = jax.random.randint(k[2], (N,), 0, V).at[2].set(-100).at[7].set(-100)
     arrays = dict(
@@ -77,7 +78,7 @@ def _case(arrays, options, impl, reductions):
     """Reduction "none" takes its own gradient path ("chunked": recompute in the backward),
     "sum" and "mean" another: each option set runs two reductions, the two sets all three."""
     options = dict(options, implementation=impl, block_size=BLOCKS[impl])
-    wrt = tuple(k for k in ("x", "w", "bias") if k in arrays)
+    wrt = tuple(k for k in ("x", "w", "bias", "label_smoothing", "z_loss") if k in arrays)
     return Case(jaxent.linear_cross_entropy, arrays, options, wrt, POSITIONS, reductions)
 
 
