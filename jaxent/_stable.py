@@ -512,6 +512,14 @@ def _z_loss_term(z_loss, weight, lse, like):
     return poisoned(z_loss < 0, lse, term)
 
 
+def kept_positions(labels, position_mask, ignore_index):
+    """The positions neither `position_mask` nor `ignore_index` drops (None: all)."""
+    if ignore_index is None:
+        return position_mask
+    keep = labels != ignore_index
+    return keep if position_mask is None else position_mask & keep
+
+
 def finish_rows(
     p: Partial,
     best,
@@ -527,9 +535,7 @@ def finish_rows(
     """Per-position loss from whole-row statistics (see `categorical_rows`)."""
     dtype = p.s.dtype
     label_smoothing, z_loss = (option_in(v, dtype) for v in (label_smoothing, z_loss))
-    if ignore_index is not None:
-        keep = labels != ignore_index
-        position_mask = keep if position_mask is None else position_mask & keep
+    position_mask = kept_positions(labels, position_mask, ignore_index)
     p, best, lse_seen = _without_dropped(p, best, position_mask)
     m, valid, lse = _row_lse(p.s, best, position_mask)
     w_label = jnp.ones(labels.shape, dtype) if p.w_label is None else p.w_label
@@ -606,11 +612,19 @@ def logit_stats(
     return partial, best, first
 
 
-def combine_shards(partial: Partial, best, first, vocab_axis_name):
+def combine_shards(partial: Partial, best, first, vocab_axis_name, position_mask=None):
     """Whole-row statistics from each vocab shard's: the largest max (and its first
-    occurrence) wins; each shard's sums are moved to that shift and summed."""
+    occurrence) wins; each shard's sums are moved to that shift and summed.
+
+    Rows that `position_mask` drops are not differentiated through the exchange: their
+    statistics may be NaN (padding), and the move's derivative there, exp(NaN), times
+    their zero cotangent would make their gradient NaN instead of 0."""
     if vocab_axis_name is None:
         return partial, best, first
+    if position_mask is not None:
+        partial, best = jax.tree.map(
+            lambda v: jnp.where(position_mask, v, lax.stop_gradient(v)), (partial, best)
+        )
     local = safe_shift(best)
     best, first = shard_max(best, first, vocab_axis_name)
     partial = rescale(partial, local, safe_shift(best))
@@ -661,7 +675,8 @@ def categorical_rows(
         smoothing=not is_off(label_smoothing),
         with_argmax=with_argmax,
     )
-    partial, best, first = combine_shards(*local, vocab_axis_name)
+    keep = kept_positions(labels, position_mask, ignore_index)
+    partial, best, first = combine_shards(*local, vocab_axis_name, keep)
     return finish_rows(
         partial,
         best,
@@ -807,9 +822,11 @@ def soft_stats(
     return partial, best, first, target_best, target_first
 
 
-def combine_soft_shards(partial, best, first, target_best, target_first, vocab_axis_name):
+def combine_soft_shards(
+    partial, best, first, target_best, target_first, vocab_axis_name, position_mask=None
+):
     """`combine_shards` for `soft_stats`: also the targets' argmax across shards."""
-    partial, best, first = combine_shards(partial, best, first, vocab_axis_name)
+    partial, best, first = combine_shards(partial, best, first, vocab_axis_name, position_mask)
     if target_first is not None:
         target_best, target_first = shard_max(target_best, target_first, vocab_axis_name)
     return partial, best, first, target_first
@@ -847,7 +864,7 @@ def soft_rows(
     offset = class_offset(logits.shape[-1], vocab_axis_name)
     local = stats(logits, targets, offset, class_weights, logit_mask,
                   softcap=softcap, smoothing=smoothing, with_argmax=with_argmax)  # fmt: skip
-    p, best, first, target_first = combine_soft_shards(*local, vocab_axis_name)
+    p, best, first, target_first = combine_soft_shards(*local, vocab_axis_name, position_mask)
     label_smoothing, z_loss = (option_in(v, p.s.dtype) for v in (label_smoothing, z_loss))
     p, best, lse_seen = _without_dropped(p, best, position_mask)
     m, valid, lse = _row_lse(p.s, best, position_mask)

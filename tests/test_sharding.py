@@ -15,15 +15,27 @@ candidates under Auto axes, see `assert_o_of_n`), and the bytes that cross devic
 the logits is N * C * 4 bytes.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxent
 from benchmarks import hlo
 
-from .sharded import MESHES, Case, assert_same, in_shard_map, mesh, single_device, under_jit
+from .sharded import (
+    AXIS_NAMES,
+    MESHES,
+    Case,
+    assert_same,
+    in_shard_map,
+    mesh,
+    single_device,
+    under_jit,
+)
 
 F32 = jnp.float32
 N, C = 16, 2048
@@ -294,3 +306,44 @@ def test_shard_map_manual_over_some_axes_only_says_what_works():
     )
     with pytest.raises(ValueError, match=r"Explicit mesh axes \['vocab'\]\. Make the shard_map"):
         jax.jit(partly)(logits, labels)
+
+
+def _dropped_nan_rows(loss):
+    """(loss of (array, *rest), the differentiated array, rest, specs of both): rows 0
+    (one NaN) and 3 (+inf) dropped by ignore_index or, for soft targets, by `where`."""
+    k = _keys(7, 3)
+    n, c, d = 8, 16, 4
+    labels = jax.random.randint(k[1], (n,), 0, c).at[0].set(-100).at[3].set(-100)
+    poison = lambda a: a.at[0, 1].set(jnp.nan).at[3].set(jnp.inf)  # noqa: E731
+    if loss == "soft":
+        targets = jax.nn.softmax(jax.random.normal(k[2], (n, c), F32))
+
+        def f(z, targets, keep, **names):
+            return jaxent.soft_cross_entropy(z, targets, where=keep, **names)
+
+        rest, specs = (targets, labels != -100), (LOGITS, LOGITS, POSITIONS)
+        return f, poison(jax.random.normal(k[0], (n, c), F32)), rest, specs
+    if loss == "cross_entropy":
+        f = functools.partial(jaxent.cross_entropy, ignore_index=-100)
+        return f, poison(jax.random.normal(k[0], (n, c), F32)), (labels,), (LOGITS, POSITIONS)
+    x = poison(jax.random.normal(k[0], (n, d), F32))
+    w = jax.random.normal(k[2], (c, d), F32)
+    f = functools.partial(jaxent.linear_cross_entropy, ignore_index=-100, implementation=loss)
+    return f, x, (w, labels), (P("batch", None), P("vocab", None), POSITIONS)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "soft", "xla", "chunked", "lean"])
+def test_dropped_rows_holding_nan_or_inf_get_zero_gradient_on_a_vocabulary_split(loss):
+    """As on one device (README: a dropped position has exactly zero gradient even
+    where it holds NaN or inf): the exchange of statistics between vocabulary shards
+    must not carry 0 · exp(NaN) into a dropped row's gradient. ("xla", "chunked",
+    "lean": linear_cross_entropy with NaN and inf rows of x.)"""
+    f, a, rest, specs = _dropped_nan_rows(loss)
+    sharded = jax.shard_map(
+        lambda *args: f(*args, **AXIS_NAMES), mesh=mesh((2, 4)), in_specs=specs, out_specs=P()
+    )
+    want = jax.grad(lambda a: f(a, *rest))(a)
+    got = jax.grad(lambda a: sharded(a, *rest))(a)
+    dropped = jnp.array([0, 3])
+    assert (want[dropped] == 0).all() and (got[dropped] == 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

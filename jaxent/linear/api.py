@@ -441,8 +441,9 @@ def linear_cross_entropy(
         rows are split over up to 8 devices).
 
     Gradients flow to x, w and bias (in their dtypes; dw is accumulated in float32)
-    and to `label_smoothing` and `z_loss` given as arrays, not to `class_weights`. The matmuls run in the inputs'
-    dtype with float32 accumulation. aux carries no gradient.
+    and to `label_smoothing` and `z_loss` given as arrays, not to `class_weights`.
+    The matmuls run in the inputs' dtype with float32 accumulation. aux carries no
+    gradient.
 
     Memory ("chunked"): one sub-block of float32 logits and one block of their
     gradient in the matmul dtype, plus a float32 dw accumulator (V x D) when
