@@ -247,7 +247,10 @@ def check_axis_name(name: str, value: Any) -> Any:
         raise TypeError(
             f"`{name}` must be a mesh axis name (str) or None, got {value!r}."
         ) from None
-    for axis in axis_names((value,)):
+    names = axis_names((value,))
+    if len(set(names)) != len(names):
+        raise ValueError(f"`{name}={value!r}` names a mesh axis more than once.")
+    for axis in names:
         try:
             lax.axis_size(axis)
         except NameError:

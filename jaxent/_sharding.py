@@ -171,7 +171,10 @@ def manual_if_explicit(*roles):
             if layout is None:  # no explicit axes (inside a shard_map: none left)
                 return core(*args, **static)
             names = {k: static.get(k) for k in ("vocab_axis_name", "batch_axis_name")}
-            if any(v is not None for v in names.values()):
+            if (
+                any(v is not None for v in names.values())
+                or jax.sharding.get_abstract_mesh().manual_axes
+            ):
                 _refuse_partly_manual(names, layout)
             return _shard_mapped(core, args, arg_roles, layout, static)
 
@@ -181,12 +184,14 @@ def manual_if_explicit(*roles):
 
 
 def _refuse_partly_manual(names: dict, layout: Layout):
-    """Axis names given, yet inputs still split over Explicit axes: the caller's
-    shard_map is manual over some axes only. A nested shard_map over the rest runs the
-    forward, but JAX (0.10) fails to lower its gradient, so say what works instead."""
+    """Inputs still split over Explicit axes inside a shard_map (axis names given, or
+    manual mesh axes): it is manual over some axes only. A nested shard_map over the
+    rest runs the forward, but JAX (0.10) fails to lower its gradient, so say what
+    works instead."""
     left = sorted(set(axis_names((*layout.positions, layout.classes))))
+    given = ", ".join(f"{k}={v!r}" for k, v in names.items() if v is not None)
     raise ValueError(
-        f"Called with {', '.join(f'{k}={v!r}' for k, v in names.items() if v is not None)} "
+        f"Called{' with ' + given if given else ''} "
         f"inside a shard_map that leaves the inputs split over the Explicit mesh axes "
         f"{left}. Make the shard_map manual over those axes too (its `axis_names`) and "
         "pass them as `vocab_axis_name` / `batch_axis_name`, or call the loss outside "

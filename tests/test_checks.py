@@ -66,6 +66,8 @@ def test_axis_names_are_checked(loss):
         call(batch_axis_name=("b", "x"))
     with pytest.raises(TypeError, match=r"`batch_axis_name` must be a mesh axis name"):
         call(batch_axis_name=["b"])
+    with pytest.raises(ValueError, match=r"`vocab_axis_name=\('v', 'v'\)` names a mesh axis"):
+        call(vocab_axis_name=("v", "v"))
 
     mesh = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(AxisType.Auto,) * 2)
     shared = jax.shard_map(

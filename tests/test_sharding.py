@@ -291,20 +291,25 @@ def test_explicit_axes_without_where(name):
     assert_same(got, single_device(case))
 
 
-def test_shard_map_manual_over_some_axes_only_says_what_works():
+@pytest.mark.parametrize("names", [{"batch_axis_name": "batch"}, {}])
+def test_shard_map_manual_over_some_axes_only_says_what_works(names):
     """Inside a shard_map manual over "batch" only, logits still split over the Explicit
-    "vocab" axis: a ValueError that says how to call it (was an opaque sharding error)."""
+    "vocab" axis: a ValueError that says how to call it (was an opaque sharding error
+    with an axis name; without one the forward ran and its gradient failed to lower)."""
     m = mesh((2, 4), explicit=True)
     logits = jax.device_put(jnp.zeros((N, C), F32), jax.NamedSharding(m, LOGITS))
     labels = jax.device_put(jnp.zeros((N,), jnp.int32), jax.NamedSharding(m, POSITIONS))
     partly = jax.shard_map(
-        lambda z, y: jaxent.cross_entropy(z, y, batch_axis_name="batch"),
+        lambda z, y: jax.lax.pmean(jaxent.cross_entropy(z, y, **names), "batch"),
         mesh=m,
         in_specs=(POSITIONS, POSITIONS),
         out_specs=P(),
         axis_names={"batch"},
     )
-    with pytest.raises(ValueError, match=r"Explicit mesh axes \['vocab'\]\. Make the shard_map"):
+    with (
+        jax.set_mesh(m),
+        pytest.raises(ValueError, match=r"Explicit mesh axes \['vocab'\]\. Make the shard_map"),
+    ):
         jax.jit(partly)(logits, labels)
 
 
