@@ -27,8 +27,10 @@ from ._stable import compute_dtype, option_in
 
 
 def softplus(x: jax.Array) -> jax.Array:
-    """log(1 + e^x) without overflow: max(x, 0) + log1p(exp(-|x|))."""
-    return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    """log(1 + e^x) without overflow, as logaddexp(x, 0). (Written as max(x, 0) +
+    log1p(exp(-|x|)), its derivative at x = 0 would be 0.5 + 0.5 - 1 = 0 instead of
+    σ(0) = 0.5: JAX splits max's derivative at a tie but not |x|'s.)"""
+    return jax.nn.softplus(x)
 
 
 def _times(c: jax.Array, a: jax.Array) -> jax.Array:
@@ -197,7 +199,7 @@ def _focal_factor_jvp(gamma, primals, tangents):
 
         ∂/∂x = γ (1 - 2t) σ(x) σ(-x) (1 - p_t)^(γ-1)
              = γ (1 - 2t) exp((γ-1) L - softplus(x) - softplus(-x))   (0 when L = -inf)
-        ∂/∂t = γ (σ(-x) - σ(x)) (1 - p_t)^(γ-1)   (infinite at L = -inf for γ < 1)
+        ∂/∂t = γ (σ(-x) - σ(x)) (1 - p_t)^(γ-1)   (unbounded as L -> -inf for γ < 1)
 
     Tangents come as symbolic zeros when an input is not differentiated, so that the
     infinite ∂/∂t never meets a zero tangent of t (a gradient in x alone).
@@ -214,9 +216,14 @@ def _focal_factor_jvp(gamma, primals, tangents):
         slope = jnp.exp(power - softplus(x) - softplus(-x))
         tangent += gamma * (1 - 2 * t) * jnp.where(certain, 0, slope) * dx
     if not isinstance(dt, jax.custom_derivatives.SymbolicZero):
-        gap_power = jnp.where(certain & (gamma < 1), jnp.inf, jnp.exp(power))
-        if gamma > 1:
-            gap_power = jnp.where(certain, 0, gap_power)
+        # (1 - p_t)^(γ-1): 0 at L = -inf for γ > 1, 1 for γ = 1; for γ < 1 it grows without
+        # bound as 1 - p_t -> 0 and is capped at the dtype's largest power of e, so that
+        # its product with the vanishing BCE term (`_modulate`) is 0, not inf · 0 = NaN.
+        # (There that product's exact value is γ/|x| of the t-gradient: under 1% once
+        # the cap is reached, |x| > 88 in float32.)
+        cap = float(np.log(np.finfo(out.dtype).max)) - 1
+        at_certain = -jnp.inf if gamma > 1 else 0.0 if gamma == 1 else cap
+        gap_power = jnp.exp(jnp.minimum(jnp.where(certain, at_certain, power), cap))
         tangent += gamma * (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * gap_power * dt
     return out, tangent
 
@@ -227,11 +234,12 @@ _focal_factor.defjvp(_focal_factor_jvp, symbolic_zeros=True)
 def _modulate(f: jax.Array, ce: jax.Array) -> jax.Array:
     """f·ce where an infinite ce (x = ±inf on the wrong side) sends no gradient into f.
 
-    There f is constant in the limit (f' -> 0 faster than ce grows), so the exact
-    gradient is f·ce'; reverse mode would form f'·ce = 0·inf = NaN instead.
+    There f's derivative in x vanishes faster than ce grows, so the exact x-gradient is
+    f·ce'; reverse mode would form f'·ce = 0·inf = NaN instead. (In t both terms are
+    infinite with one sign: f·ce' alone has it.)
     """
     infinite = jnp.isinf(ce)
-    finite = _times(f, jnp.where(infinite, 0, ce))
+    finite = f * jnp.where(infinite, 0, ce)
     return jnp.where(infinite, _times(jax.lax.stop_gradient(f), ce), finite)
 
 
@@ -245,7 +253,9 @@ def _focal_loss(logits, targets, where, *, alpha, gamma, reduction, axes):
         # saturated logits, where the power form gives 0 * inf.
         ce = _modulate(_focal_factor(x, t, gamma), ce)
     if alpha is not None:
-        ce = (alpha * t + (1 - alpha) * (1 - t)) * ce
+        # α_t = α t + (1-α)(1-t), written with t once: with an infinite ce its t-derivative
+        # is then (2α-1)·inf, not α·inf - (1-α)·inf = NaN.
+        ce = ((1 - alpha) + (2 * alpha - 1) * t) * ce
     return _finish(ce, valid, reduction, axes)
 
 

@@ -31,10 +31,11 @@ def check_floating(name: str, x: Any) -> jax.Array:
     """Return `x` as an array, raising TypeError unless its dtype is floating."""
     if not hasattr(x, "dtype") and not isinstance(x, (list, tuple, float, int, np.number)):
         raise TypeError(f"`{name}` must be an array, got {type(x).__name__}.")
-    given = np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype  # before JAX's x32
+    given = x
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
+        given = given.dtype if hasattr(given, "dtype") else np.asarray(given).dtype
+        raise TypeError(  # the dtype passed: JAX's x32 conversion would turn float64 to 32
             f"`{name}` must have a floating dtype (float16, bfloat16, float32 or float64), "
             f"got {given}. Cast it with `{name}.astype(jnp.float32)`."
         )
@@ -215,8 +216,8 @@ def check_ignore_index(ignore_index: Any, labels: jax.Array | None = None) -> in
         info = np.iinfo(labels.dtype)
         if not info.min <= ignore_index <= info.max:
             raise ValueError(
-                f"`ignore_index` must lie in the range of the labels' dtype {labels.dtype} "
-                f"[{info.min}, {info.max}], got {ignore_index}."
+                f"`ignore_index` must lie in [{info.min}, {info.max}]: the labels are "
+                f"compared with it as {labels.dtype}; got {ignore_index}."
             )
     return int(ignore_index)
 

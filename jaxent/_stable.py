@@ -683,8 +683,8 @@ def categorical_rows(
         first,
         labels,
         num_classes_global(num_local, vocab_axis_name),
-        position_mask=position_mask,
-        ignore_index=ignore_index,
+        position_mask=keep,
+        ignore_index=None,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
     )

@@ -52,7 +52,7 @@ def validate(
         raise TypeError(f"`num_classes` must be an int, got {type(num_classes).__name__}.")
     if num_classes < 1:
         raise ValueError(f"`num_classes` must be >= 1, got {num_classes}.")
-    ignore_index = _checks.check_ignore_index(ignore_index)
+    ignore_index = _checks.check_ignore_index(ignore_index, labels)
     if where is not None:
         where = _checks.check_bool_mask("where", where)
         _checks.check_shape("where", where, labels.shape, "It must be labels-shaped.")

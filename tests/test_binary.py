@@ -198,6 +198,39 @@ def test_focal_second_derivatives_match_finite_differences():
     check_grads(lambda x: jaxent.focal_loss(x, t, gamma=1.5), (x,), order=2, modes=["rev"])
 
 
+def test_gradients_at_zero_logits():
+    """σ(0) - t, and focal's from the oracle: at x = 0 a softplus written with max and
+    |x| has derivative 0 in JAX (a zero-initialised head would not train)."""
+    x, t = jnp.zeros(3, F32), jnp.array([0.0, 0.3, 1.0], F32)
+    g = jax.grad(lambda x: jaxent.binary_cross_entropy(x, t, reduction="sum"))(x)
+    np.testing.assert_allclose(g, [0.5, 0.2, -0.5], rtol=1e-6)
+    g = jax.grad(lambda x: jaxent.focal_loss(x, t, reduction="sum"))(x)
+    h = 1e-6
+    want = [
+        (
+            oracles.focal_loss(h * e, t, reduction="sum")
+            - oracles.focal_loss(-h * e, t, reduction="sum")
+        )
+        / (2 * h)
+        for e in np.eye(3)
+    ]
+    np.testing.assert_allclose(g, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5])
+def test_focal_target_gradient_of_confident_right_predictions_is_finite(gamma):
+    """(1 - p_t)^(γ-1) overflows float32 where the BCE term ce underflows: no NaN from
+    inf · 0. The exact d/dt (f ce) = f' ce + f ce' in float64, with 1 - p_t = ce =
+    σ(-|x|) here; f' ce, γ/|x| of the total, is what the float32 path drops (< 0.5%)."""
+    x = jnp.array([-105.0, -100.0, 105.0, 100.0], F32)
+    t = jnp.array([0.0, 0.0, 1.0, 1.0], F32)
+    g = jax.grad(lambda t: jaxent.focal_loss(x, t, gamma=gamma, alpha=None, reduction="sum"))(t)
+    xs = np.asarray(x, np.float64)
+    gap = np.exp(-np.abs(xs))  # σ(-|x|) to float64 precision; also ce
+    want = gamma * gap ** (gamma - 1) * -np.sign(xs) * gap + gap**gamma * -xs
+    np.testing.assert_allclose(g, want, rtol=5e-3)
+
+
 def test_bce_certain_and_right_has_no_cancellation():
     """t = 1, x = 40: the loss is softplus(-40) ≈ 4.2e-18, not softplus(40) - 40 = 0."""
     loss = jaxent.binary_cross_entropy(jnp.array([40.0]), jnp.array([1.0]), reduction="none")

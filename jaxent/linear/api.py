@@ -14,6 +14,7 @@ from .. import _checks, pallas
 from .._categorical import aux_from_rows, finish, split_where
 from .._reduce import global_sum, stacked_sums, weighted_mean
 from .._sharding import CLASSES, HIDDEN, POSITIONS, TABLE, WHERE, manual_if_explicit
+from .._stable import kept_positions
 from ..pallas import fused_head
 from . import chunked, lean, mesh
 from .blocks import strided_blocks, unblock
@@ -244,8 +245,7 @@ def _lean(
     st = _static(options, return_aux)._replace(ignore_index=None, fused=fused, group=group)
     labels = labels.reshape(n)
     pmask = jnp.ones((n,), bool) if position_mask is None else position_mask.reshape(n)
-    if options["ignore_index"] is not None:
-        pmask = pmask & (labels != options["ignore_index"])
+    pmask = kept_positions(labels, pmask, options["ignore_index"])
     ops = lean.Operands(
         x=x.reshape(n, x.shape[-1]),
         w=by_block(w),

@@ -19,7 +19,8 @@ Two gradient schemes, both `jax.custom_vjp`:
 - `token_sum` (reductions "sum"/"mean": the cotangent of every position is the same
   scalar). The forward pass also forms each block's logit gradient and consumes it
   at once: dx_block = dlogits @ w, dw += dlogits.T @ x_block (float32 accumulator).
-  Three matmuls in all and no recompute; the backward only scales the saved dx, dw.
+  Three matmuls in all and no recompute; the backward only scales the saved dx, dw
+  (and the gradients of traced scalar options).
 - `token_rows` (reduction "none": arbitrary per-position cotangents). The forward
   keeps nothing but its inputs; the backward recomputes each sub-block's logits (a
   fourth matmul) and applies the cotangent.
@@ -36,10 +37,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._stable import Rows, categorical_rows, compute_dtype, logit_stats
+from .._stable import Rows, categorical_rows, logit_stats
 from .blocks import put_block, strided_blocks, take_block
 from .mesh import sum_to_primal_axes, varying_like
-from .reference import project
+from .reference import logits_dtype, project
 
 
 class Static(NamedTuple):
@@ -160,7 +161,7 @@ def _block_grads(st: Static, ops: Operands, block, cotangent=None):
     subs = tuple(_split(st, a) for a in block)
     cts = _split(st, cotangent)
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
-    acc = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
+    acc = logits_dtype(ops.x, ops.w)
     options = _local_options(st, ops)
 
     def step(carry, j):
@@ -191,14 +192,16 @@ def _block_grads(st: Static, ops: Operands, block, cotangent=None):
 
 
 def _local_options(st: Static, ops: Operands):
-    """The traced scalar options (ls, zl; None when static) made to vary like the
-    positions: differentiated so, they get this device's share of their gradient
-    (`_param_cotangents` sums the shares), where the replicated scalars would get the
-    whole mesh's sum from every device. (Not over the vocabulary axis: every vocabulary
-    shard computes the same rows.)"""
+    """The traced scalar options (ls, zl; None when static) in the accumulation dtype,
+    made to vary like the positions: differentiated so, they get this device's share of
+    their gradient (`_param_cotangents` sums the shares), where the replicated scalars
+    would get the whole mesh's sum from every device. (Not over the vocabulary axis:
+    every vocabulary shard computes the same rows.)"""
     refs = jax.tree.leaves(ops)
+    acc = logits_dtype(ops.x, ops.w)
     return tuple(
-        None if v is None else varying_like(v, refs, st.vocab_axis_name) for v in (ops.ls, ops.zl)
+        None if v is None else varying_like(v.astype(acc), refs, st.vocab_axis_name)
+        for v in (ops.ls, ops.zl)
     )
 
 
@@ -233,7 +236,7 @@ def _zero_acc(st: Static, ops: Operands):
     scalar options (ls, zl; None when static), and the (B, nb, D) dx buffer in x's dtype
     that each block's dx is written into (summed over the vocabulary shards before, so
     it does not vary over that axis)."""
-    acc = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
+    acc = logits_dtype(ops.x, ops.w)
     refs = jax.tree.leaves(ops)
     db = None if ops.bias is None else varying_like(jnp.zeros(ops.bias.shape, acc), refs)
     dx = varying_like(jnp.zeros(ops.x.shape, ops.x.dtype), refs, st.vocab_axis_name)
@@ -254,8 +257,8 @@ def _param_cotangents(ops: Operands, dx, acc, scale=1.0):
         position_mask=None,
         logit_mask=None,
         class_weights=None,
-        ls=None if dls is None else sum_to_primal_axes(dls * scale, ops.ls),
-        zl=None if dzl is None else sum_to_primal_axes(dzl * scale, ops.zl),
+        ls=None if dls is None else sum_to_primal_axes(dls * scale, ops.ls).astype(ops.ls.dtype),
+        zl=None if dzl is None else sum_to_primal_axes(dzl * scale, ops.zl).astype(ops.zl.dtype),
     )
 
 

@@ -37,7 +37,6 @@ from .._stable import (
     block_partial,
     class_offset,
     combine_shards,
-    compute_dtype,
     finish_rows,
     is_off,
     logit_partial,
@@ -52,7 +51,7 @@ from .._stable import (
 from .blocks import put_block, take_block
 from .chunked import Static, pick
 from .mesh import sum_to_primal_axes, varying_like
-from .reference import project
+from .reference import logits_dtype, project
 
 
 class Operands(NamedTuple):
@@ -208,7 +207,7 @@ def _kernel_grad(st: Static, ops: Operands, i, ct_sums: Partial, m):
 def _statistics(st: Static, ops: Operands):
     """One pass over the vocabulary blocks: whole-row (Partial, best, first)."""
     n = ops.x.shape[0]
-    dtype = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))  # the logits' (`project`)
+    dtype = logits_dtype(ops.x, ops.w)  # the logits' (`project`)
 
     def step(carry, i):
         total, best, first = carry
@@ -276,7 +275,7 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
     # The block's sums vary over every mesh axis of the operands (they are local to a
     # vocabulary shard); the whole-row sums' cotangents may vary over fewer.
     ct_sums = jax.tree.map(lambda c: varying_like(c, refs), ct_sums)
-    acc = compute_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
+    acc = logits_dtype(ops.x, ops.w)
     mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
 
     def block_grad(carry, i):

@@ -14,13 +14,19 @@ from .._categorical import finish
 from .._stable import categorical_rows, compute_dtype
 
 
+def logits_dtype(x: jax.Array, w: jax.Array):
+    """The dtype of `project`'s logits, and of every implementation's accumulators:
+    float32, or float64 when x or w is."""
+    return compute_dtype(jnp.result_type(x.dtype, w.dtype))
+
+
 def project(x: jax.Array, w: jax.Array, bias: jax.Array | None) -> jax.Array:
     """(..., D) @ (V, D)^T (+ bias) -> (..., V) logits, accumulated in float32.
 
     The matmul is fed in the inputs' dtype (bf16 tensor cores) and only its result
     is float32, as in every implementation.
     """
-    acc = compute_dtype(jnp.result_type(x.dtype, w.dtype))
+    acc = logits_dtype(x, w)
     logits = jnp.einsum("...d,vd->...v", x, w, preferred_element_type=acc)
     return logits if bias is None else logits + bias.astype(acc)
 

@@ -499,3 +499,25 @@ def test_random_sizes_blocks_and_options_match_reference(
     want = loss_and_grads("xla", x, w, labels, bias, reduction, cot, None, **opts)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert oracles.rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["chunked", "lean", "default"])
+def test_traced_scalar_option_gradients_come_in_their_dtype(case):
+    """bfloat16 options: each block's share is summed in float32, and the gradient comes
+    back in bfloat16 (as autodiff gives it for the reference)."""
+    impl, block_size = CASES[case]
+    x, w, labels, _ = make(5, lead=(37,))
+
+    def grads(impl, block_size):
+        return jax.grad(
+            lambda ls, zl: jaxent.linear_cross_entropy(
+                x, w, labels, label_smoothing=ls, z_loss=zl, reduction="sum",
+                implementation=impl, block_size=block_size,
+            ),
+            argnums=(0, 1),
+        )(jnp.bfloat16(0.1), jnp.bfloat16(0.01))  # fmt: skip
+
+    got, want = grads(impl, block_size), grads("xla", None)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-2)
