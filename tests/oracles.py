@@ -242,3 +242,11 @@ def rel_err(got, want) -> float:
     denom = np.linalg.norm(want)
     diff = np.linalg.norm(got - want)
     return float(diff / denom) if denom else float(diff)
+
+
+def option_gradient(loss, smoothing, z_loss, h=1e-5):
+    """(d/dε, d/dλ) of a float64 oracle `loss(ε, λ)` by central differences."""
+    return (
+        (loss(smoothing + h, z_loss) - loss(smoothing - h, z_loss)) / (2 * h),
+        (loss(smoothing, z_loss + h) - loss(smoothing, z_loss - h)) / (2 * h),
+    )
