@@ -63,3 +63,6 @@ def test_argument_errors():
         jaxent.validate(jnp.zeros(3), 4)
     with pytest.raises(ValueError, match="`num_classes` must be >= 1"):
         jaxent.validate(jnp.zeros(3, int), 0)
+    # Compared with int32 labels, 2**31 made checkify's jit fail with an OverflowError.
+    with pytest.raises(ValueError, match=r"`ignore_index` must lie in .* as int32"):
+        jaxent.validate(jnp.zeros(3, jnp.int32), 4, ignore_index=2**31)
