@@ -1,8 +1,10 @@
 """Sigmoid (multi-label) losses: `binary_cross_entropy` and `focal_loss`.
 
-Both are elementwise over any shape and computed from logits in the stable form
-softplus(x) = max(x, 0) + log1p(exp(-|x|)), so saturated logits never produce
-log(0). "mean" averages over the valid elements (those `where` keeps).
+Both are elementwise over any shape and computed from logits through
+softplus(x) = log(1 + e^x) = logaddexp(x, 0) (`jax.nn.softplus`), so saturated logits
+never produce log(0). "mean" averages over the valid elements (those `where` keeps).
+(Not as max(x, 0) + log1p(exp(-|x|)): JAX splits max's derivative at 0 but not |x|'s,
+which made that form's derivative at x = 0 be 0 instead of σ(0) = 0.5.)
 
 Infinite logits are their limits, not NaN: the loss is written as
 t·softplus(-x) + (1-t)·softplus(x) with 0·inf counted as 0 (the convention
@@ -19,18 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.nn import softplus
 
 from . import _checks
 from ._reduce import reduce_loss
 from ._sharding import elementwise_layout
 from ._stable import compute_dtype, option_in
-
-
-def softplus(x: jax.Array) -> jax.Array:
-    """log(1 + e^x) without overflow, as logaddexp(x, 0). (Written as max(x, 0) +
-    log1p(exp(-|x|)), its derivative at x = 0 would be 0.5 + 0.5 - 1 = 0 instead of
-    σ(0) = 0.5: JAX splits max's derivative at a tie but not |x|'s.)"""
-    return jax.nn.softplus(x)
 
 
 def _times(c: jax.Array, a: jax.Array) -> jax.Array:
