@@ -233,11 +233,11 @@ def cross_entropy(
       return_aux: also return a `CrossEntropyAux`.
       vocab_axis_name / batch_axis_name: mesh axes over which the class axis / the
         positions are split, inside `shard_map` (see the README, "Sharding").
-      implementation: None (the Pallas kernel on CUDA GPUs, XLA elsewhere), "xla",
-        or "pallas" (the backend's kernel: Triton on a GPU, Mosaic on a TPU;
-        `NotImplementedError` where none can serve: CPU, float64 logits). The kernel
-        reads the logits once in the forward pass, XLA twice; both write the gradient
-        in one pass (README, "Backends").
+      implementation: None (the Pallas kernel on CUDA GPUs, XLA's one-read reduction
+        on other accelerators, XLA's two reads on CPU), "xla" (two reads everywhere:
+        the reference), or "pallas" (the backend's kernel: Triton on a GPU, Mosaic on
+        a TPU; `NotImplementedError` where none can serve: CPU, float64 logits). All
+        write the gradient in one pass (README, "Backends").
 
     Returns:
       The loss in float32 (float64 for float64 logits), or `(loss, aux)`.

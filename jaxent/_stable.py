@@ -584,7 +584,8 @@ def logit_stats(
 ):  # fmt: skip
     """This shard's row statistics in two reads of the logits (XLA): the row max, then
     the sums at that shift. The Pallas kernel (`jaxent.pallas.row_stats`) has this
-    signature and these results, in one read.
+    signature and these results, in one read, as has XLA's one-read reduction run in
+    its place (`jaxent._one_read`).
 
     Shapes: logits (..., C) any floating dtype, labels (...,) global class ids, offset
     the global id of column 0, class_weights (C,) or None, logit_mask (..., C) or None.

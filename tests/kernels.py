@@ -51,6 +51,35 @@ def each_platform(tiles: dict, per_platform: dict = PLATFORM_TILES, autouse: boo
     return _platform
 
 
+def one_read_too(tiles: dict):
+    """`each_platform(tiles)` for the plain losses' suites, plus a third run,
+    "one-read": the kernel's place taken by XLA's one-read variadic reduction
+    (`jaxent._one_read`, what the default takes off CUDA and CPU) — inside
+    `kernel_mode`, `implementation="pallas"` then runs `row_stats.kernel_stats` /
+    `kernel_soft_stats` with `xla=True`, through the same wrapper and custom derivatives
+    as the kernels. CI runs it on CPU, where the default itself takes the two reads."""
+    import functools
+
+    import pytest
+
+    from jaxent.pallas import row_stats
+
+    per_platform = {**PLATFORM_TILES, "one-read": PLATFORM_TILES["gpu"]}
+
+    @pytest.fixture(autouse=True, params=sorted(per_platform))
+    def _platform(request, monkeypatch):
+        if jax.default_backend() not in ("cpu", request.param):
+            pytest.skip(f"the {request.param} path runs in CI; here the {jax.default_backend()}'s")
+        tiles.clear()
+        tiles.update(per_platform[request.param])
+        if request.param == "one-read":
+            for name in ("kernel_stats", "kernel_soft_stats"):
+                fn = getattr(row_stats, name)
+                monkeypatch.setattr(row_stats, name, functools.partial(fn, xla=True))
+
+    return _platform
+
+
 def kernel_inputs(closed_jaxpr, name: str) -> list[list[tuple]]:
     """The input shapes of every `pallas_call` named `name` in a traced program (found
     in loops, conditionals and custom derivatives too): what a kernel is given."""

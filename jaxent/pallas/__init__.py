@@ -12,11 +12,13 @@ Which path a call takes (`choose`), for `implementation=`:
   `NotImplementedError` where none can serve (CPU, float64 logits, Pallas missing) —
   except inside `interpret_mode()`, where it runs in the Pallas interpreter on any
   backend.
-- None: the GPU kernel when the computation is lowered for CUDA, XLA for any other
-  platform (decided at lowering by `lax.platform_dependent`, so exporting for CUDA
-  from a CPU host gets the kernel); XLA for float64 logits. TPU stays on XLA until a
-  TPU timing shows its kernel ahead: compiled for a v5p it reads the logits once in
-  the forward where XLA reads them twice, but it has never run on one.
+- None: the GPU kernel when the computation is lowered for CUDA; on CPU XLA's two
+  reads; on any other platform (TPU) XLA's one-read variadic reduction
+  (`jaxent._one_read`, run through the kernel's wrapper: `row_stats.Config.xla`) —
+  decided at lowering by `lax.platform_dependent`, so exporting for CUDA from a CPU
+  host gets the kernel; XLA's two reads for float64 logits. The TPU kernel stays
+  opt-in until a TPU timing shows it ahead: compiled for a v5p it moves what the
+  one-read reduction moves (3 logits-sized passes), and it has never run on one.
 
 The GPU kernels lower with Triton (not Mosaic GPU, this jax's default GPU lowering):
 Triton has masked loads, so any class count and any number of rows run without
@@ -48,7 +50,7 @@ else:
 class Kernel(NamedTuple):
     """The static kernel choice of one call (part of the jit cache key).
 
-    auto: pick by platform at lowering (the kernel on CUDA, XLA elsewhere);
+    auto: pick by platform at lowering (`row_stats.on_cuda`);
     interpret: run in the Pallas interpreter; block_rows / block_classes: tile
     overrides (None: `row_stats.tile_sizes`, `fused_head.tile_sizes`,
     `row_stats_tpu.tile_sizes`); block_depth: the hidden size per step of the

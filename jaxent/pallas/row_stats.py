@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .. import _one_read
 from .._stable import (
     Partial,
     SoftPartial,
@@ -75,6 +76,7 @@ class Config(NamedTuple):
     block_classes: int | None
     block_depth: int | None = None  # fused head: hidden size per matmul step
     mosaic: bool = False  # the TPU kernel (`row_stats_tpu.py`) instead of Triton's
+    xla: bool = False  # no kernel: XLA's one-read variadic reduction (`_one_read.py`)
 
 
 class Out(NamedTuple):
@@ -170,6 +172,9 @@ def _like(x, shape, dtype) -> jax.ShapeDtypeStruct:
 def _launch(config: Config, x, t, mask, weights) -> Out:
     """The kernel on (N, C) logits; (N, C) targets, (N, C) mask and (C,) float32
     weights, each or None. Sums come back with the label fields of `Partial` None."""
+    if config.xla:
+        options = dict(softcap=config.softcap, smoothing=config.smoothing)
+        return Out(*_one_read.rows(x, t, mask, weights, **options, with_argmax=config.with_argmax))
     n, c = x.shape
     # Mosaic writes (N, 1) columns (`row_stats_tpu`), Triton (N,) rows.
     shape = (n, 1) if config.mosaic else (n,)
@@ -289,13 +294,14 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 
 def kernel_stats(logits, labels, offset, class_weights, logit_mask, *, softcap, smoothing,
                  with_argmax, interpret=False, block_rows=None, block_classes=None,
-                 mosaic=False):  # fmt: skip
+                 mosaic=False, xla=False):  # fmt: skip
     """`_stable.logit_stats` with the forward in one Pallas kernel; same shapes and
     results. `interpret` runs the kernel in the Pallas interpreter (any backend);
     `block_rows` / `block_classes` (powers of two) override `tile_sizes`; `mosaic`
-    takes the TPU kernel (`row_stats_tpu`) instead of the Triton one."""
+    takes the TPU kernel (`row_stats_tpu`) instead of the Triton one, `xla` no kernel
+    but XLA's one-read reduction (`_one_read`)."""
     config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes,
-                    mosaic=mosaic)  # fmt: skip
+                    mosaic=mosaic, xla=xla)  # fmt: skip
     args = (logits, labels, offset, class_weights, logit_mask)
     fields = structure_of(lambda *a: _forward(config, *a)[0], *args)
     partial, best, first = _stats(config, fields, *args)
@@ -334,11 +340,11 @@ _soft_stats.defvjp(_soft_stats_fwd, _soft_stats_bwd)
 
 def kernel_soft_stats(logits, targets, offset, class_weights, logit_mask, *, softcap,
                       smoothing, with_argmax, interpret=False, block_rows=None,
-                      block_classes=None, mosaic=False):  # fmt: skip
+                      block_classes=None, mosaic=False, xla=False):  # fmt: skip
     """`_stable.soft_stats` with the forward in one Pallas kernel (reads the logits and
     the targets once); options as in `kernel_stats`."""
     config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes,
-                    mosaic=mosaic)  # fmt: skip
+                    mosaic=mosaic, xla=xla)  # fmt: skip
     args = (logits, targets, offset, class_weights, logit_mask)
     fields = structure_of(lambda *a: _soft_forward(config, *a)[0], *args)
     sums, *rest = _soft_stats(config, fields, *args)
@@ -346,16 +352,19 @@ def kernel_soft_stats(logits, targets, offset, class_weights, logit_mask, *, sof
 
 
 def on_cuda(kernel_fn, xla_fn):
-    """`kernel_fn` where the computation is lowered for CUDA, `xla_fn` on every other
-    platform; chosen at lowering, so one traced function serves both. Both take the
-    positional arguments of the stats functions above and their keyword options."""
+    """`kernel_fn` where the computation is lowered for CUDA, `xla_fn` (two reads of the
+    logits) on CPU, and `kernel_fn` with `xla=True` (XLA's one-read reduction, through
+    the kernel's custom derivatives) on every other platform; chosen at lowering, so
+    one traced function serves all. Each takes the positional arguments of the stats
+    functions above and their keyword options."""
 
     def run(*args, softcap, smoothing, with_argmax, **kernel_options):
         options = dict(softcap=softcap, smoothing=smoothing, with_argmax=with_argmax)
         return lax.platform_dependent(
             *args,
             cuda=functools.partial(kernel_fn, **options, **kernel_options),
-            default=functools.partial(xla_fn, **options),
+            cpu=functools.partial(xla_fn, **options),
+            default=functools.partial(kernel_fn, **options, xla=True),
         )
 
     return run

@@ -5,9 +5,10 @@ and the float64 NumPy oracle: every option, odd sizes, values, aux and gradients
 function takes the kernel path (wrapper, custom VJP, dispatch) exactly as on a GPU,
 with the kernel run by the Pallas interpreter and small tiles so that every case
 crosses tiles and ends in a ragged tile and a ragged block of rows (`kernel_mode`: on
-a GPU the same tiles compiled). Every test runs twice: through the GPU kernel, and with
-`platform="tpu"` through the TPU kernel (whose smallest blocks, 8 x 128, hold these
-classes whole; `test_row_stats.py` crosses them).
+a GPU the same tiles compiled). Every test runs three times: through the GPU kernel,
+with `platform="tpu"` through the TPU kernel (whose smallest blocks, 8 x 128, hold these
+classes whole; `test_row_stats.py` crosses them), and through XLA's one-read reduction
+in the kernel's place (`kernels.one_read_too`).
 """
 
 import jax
@@ -19,11 +20,11 @@ from jax.sharding import PartitionSpec as P
 import jaxent
 
 from .. import oracles
-from ..kernels import each_platform, kernel_mode
+from ..kernels import kernel_mode, one_read_too
 
 F32 = jnp.float32
-TILES = {}  # this test's kernel_mode arguments: each test runs through both kernels
-_platform = each_platform(TILES)
+TILES = {}  # this test's kernel_mode arguments (`one_read_too` sets them)
+_platform = one_read_too(TILES)
 
 
 def make(seed, shape, c, dtype=F32, scale=3.0):

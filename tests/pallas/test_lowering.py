@@ -117,8 +117,9 @@ def test_vocab_sharded_kernel_lowers_inside_shard_map(monkeypatch, platform):
 
 
 def test_tpu_takes_the_xla_path():
-    """The default choice gives TPU the XLA path, with no Pallas call in its module (its
-    Mosaic kernel is opt-in until timed on a TPU: `jaxent.pallas`)."""
+    """The default choice gives TPU an XLA path (the one-read reduction,
+    test_one_read.py), with no Pallas call in its module (its Mosaic kernel is opt-in
+    until timed on a TPU: `jaxent.pallas`)."""
     x = spec((64, 1000), jnp.bfloat16)
     text = lowered(loss_and_grad, "tpu", x, spec((64,), jnp.int32))
     assert kernel_calls(text) == 0 and "tpu_custom_call" not in text

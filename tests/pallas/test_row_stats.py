@@ -2,10 +2,11 @@
 
 `kernel_stats` and `_stable.logit_stats` have one signature and the same results: the
 `Partial` sums (at the shift of the row max), the row max and the first argmax. Every
-test runs twice, against the GPU kernel (Triton, `row_stats.py`) and the TPU kernel
-(Mosaic, `row_stats_tpu.py`). Small tiles make every case cross several tiles, a ragged
-last tile and a ragged last block of rows — the TPU kernel's blocks are at least
-(8, 128), so the sizes include C > 128.
+test runs three times: against the GPU kernel (Triton, `row_stats.py`), the TPU kernel
+(Mosaic, `row_stats_tpu.py`), and XLA's one-read variadic reduction (`_one_read.py`),
+which takes the kernel's place off CUDA and CPU. Small tiles make every case cross
+several tiles, a ragged last tile and a ragged last block of rows — the TPU kernel's
+blocks are at least (8, 128), so the sizes include C > 128.
 """
 
 import functools
@@ -25,6 +26,8 @@ F32 = jnp.float32
 KERNELS = {
     "triton": dict(interpret=True, block_rows=4, block_classes=16),
     "mosaic": dict(interpret=True, block_rows=16, block_classes=128, mosaic=True),
+    # No kernel: XLA's one-read reduction (`jaxent._one_read`) in the kernel's place.
+    "xla": dict(xla=True),
 }
 kernel_options: dict = {}
 

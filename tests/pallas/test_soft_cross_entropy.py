@@ -1,6 +1,7 @@
 """`soft_cross_entropy` through the Pallas kernel (interpreted on CPU) against the XLA
 path and the float64 NumPy oracle: options, odd sizes, both gradients (logits and
-targets), edge rows. See test_cross_entropy.py for the interpret-mode hook."""
+targets), edge rows; and through XLA's one-read reduction in the kernel's place. See
+test_cross_entropy.py for the interpret-mode hook."""
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +11,11 @@ import pytest
 import jaxent
 
 from .. import oracles
-from ..kernels import each_platform, kernel_mode
+from ..kernels import kernel_mode, one_read_too
 
 F32 = jnp.float32
-TILES = {}  # this test's kernel_mode arguments: each test runs through both kernels
-_platform = each_platform(TILES)
+TILES = {}  # this test's kernel_mode arguments (`one_read_too` sets them)
+_platform = one_read_too(TILES)
 
 
 def make(seed, n, c, dtype=F32):
