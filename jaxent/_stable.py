@@ -345,13 +345,24 @@ def column(flags: jax.Array) -> jax.Array:
 
 def _live(ct) -> jax.Array:
     """Rows (...,) with a non-zero cotangent on a sum the logits' gradient depends on. A
-    dropped position gets zero cotangents (`_without_dropped`), and its gradient must be
-    exactly 0 even where its logits are NaN or inf (0 * NaN would be NaN): padding rows
-    may hold anything. A NaN cotangent is live, so NaN in a kept row propagates."""
+    NaN cotangent is live, so NaN in a kept row propagates."""
     fields = ("s", "z_label", "below_max", "wt_sum", "wt_below")
     return functools.reduce(
         jnp.logical_or, (getattr(ct, f) != 0 for f in fields if getattr(ct, f, None) is not None)
     )
+
+
+def _zero_where_dead(ct, grad: jax.Array) -> jax.Array:
+    """`grad` (..., C) with its non-finite entries in rows of zero cotangent set to 0.
+
+    A dropped position gets zero cotangents (`_without_dropped`), and its gradient must
+    be exactly 0 even where its logits are NaN or inf (0 * NaN would be NaN): padding
+    rows may hold anything. Finite entries pass as they are (they are 0 there anyway):
+    selecting only on the cotangent would also cut the gradient's derivative with
+    respect to the cotangent, and second derivatives taken where a row's cotangent
+    happens to be 0 (a loss coefficient at 0, a zero residual) would come out 0.
+    Elementwise, so the backward stays one pass."""
+    return jnp.where(column(_live(ct)) | jnp.isfinite(grad), grad, 0)
 
 
 def _own_copy(logits, logit_mask):
@@ -399,7 +410,7 @@ def partial_grad(
         dz = dz * slope
     if keep is not None:
         dz = jnp.where(keep, dz, 0)
-    return jnp.where(column(_live(ct)), dz, 0).astype(logits.dtype)
+    return _zero_where_dead(ct, dz).astype(logits.dtype)
 
 
 _logit_partial.defvjp(_logit_partial_fwd, _logit_partial_bwd)
@@ -542,7 +553,9 @@ def finish_rows(
 
     nll = jnp.where(p.label_hits > 0, lse - p.z_label, jnp.inf)
     label_coef = (1 - label_smoothing) * w_label
-    loss = jnp.where(label_coef == 0, 0, label_coef * nll)
+    # 0 * inf counts as 0 (a zero label weight, or ε = 1, on a dropped label logit);
+    # only a non-finite nll is replaced, so at ε = 1 the loss still has its ε-derivative.
+    loss = label_coef * jnp.where((label_coef == 0) & ~jnp.isfinite(nll), 0, nll)
     if not is_off(label_smoothing):
         smooth = ((lse - m) * p.kw_sum + p.below_max) / jnp.maximum(p.count, 1)
         loss = _smoothing_in_range(loss + label_smoothing * smooth, label_smoothing)
@@ -796,11 +809,10 @@ def soft_grad(
     if slope is not None:
         dz = dz * slope
     dt = w * (ct.wt_sum[..., None] + ct.wt_below[..., None] * (m[..., None] - z))
-    keep = keep & column(_live(ct))
     zero = jnp.zeros((), x.dtype)
     return (
-        jnp.where(keep, dz, zero).astype(logits.dtype),
-        jnp.where(keep, dt, zero).astype(targets.dtype),
+        jnp.where(keep, _zero_where_dead(ct, dz), zero).astype(logits.dtype),
+        jnp.where(keep, _zero_where_dead(ct, dt), zero).astype(targets.dtype),
     )
 
 

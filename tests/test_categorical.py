@@ -1,5 +1,6 @@
 """cross_entropy and soft_cross_entropy against float64 oracles written from SPEC §1–§2."""
 
+import functools
 import itertools
 
 import chex
@@ -179,6 +180,70 @@ def test_second_derivatives_match_oracle(loss, mode):
     got = SECOND_ORDER[mode](f, logits, v)
     assert got.dtype == F32
     assert oracles.rel_err(got, oracle_hvp(want, logits, v)) < 1e-5
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "soft_cross_entropy"])
+def test_second_derivatives_where_the_cotangent_is_zero(loss):
+    """The backward zeroes non-finite gradient entries of rows with zero cotangent
+    (dropped padding rows); that must not cut the gradient's derivative with respect to
+    the cotangent. d/dλ grad(λ·L) at λ = 0 is grad(L); the Gauss-Newton Hessian of
+    Σ (l_n - c_n)² at zero residual, 2 Jᵀ J, is optax's."""
+    logits, labels = make(26, (4,), 5)
+    targets = jax.nn.softmax(make(27, (4,), 5)[0])
+    if loss == "cross_entropy":
+        ours = functools.partial(jaxent.cross_entropy, labels=labels)
+        theirs = functools.partial(optax.softmax_cross_entropy_with_integer_labels, labels=labels)
+    else:
+        ours = functools.partial(jaxent.soft_cross_entropy, targets=targets)
+        theirs = functools.partial(optax.softmax_cross_entropy, labels=targets)
+    opts = dict(label_smoothing=0.1, softcap=3.0)
+
+    def scaled(x, lam):
+        return lam * ours(x, **opts)
+
+    mixed = jax.jacfwd(jax.grad(scaled), argnums=1)(logits, 0.0)
+    reverse = jax.grad(lambda lam: jnp.vdot(jax.grad(scaled)(logits, lam), logits))(0.0)
+    first = jax.grad(lambda x: ours(x, **opts))(logits)
+    np.testing.assert_allclose(mixed, first, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(reverse, jnp.vdot(first, logits), rtol=1e-5)
+    assert float(jnp.max(jnp.abs(first))) > 0.01
+
+    def residual(per_position):
+        at = per_position(logits)
+        return lambda x: jnp.sum((per_position(x) - at) ** 2)
+
+    got = jax.hessian(residual(lambda x: ours(x, reduction="none")))(logits)
+    want = jax.hessian(residual(theirs))(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(want))) > 0.1
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "soft_cross_entropy"])
+def test_label_smoothing_gradient_at_one(loss):
+    """At ε = 1 the label's share (1 - ε) w[y] nll is 0 but its ε-derivative is not
+    (-w[y] nll): the float64 oracle's backward difference."""
+    logits, labels = make(28, (5,), 6)
+    targets = jax.nn.softmax(make(29, (5,), 6)[0])
+    w = weights_for(6)
+    if loss == "cross_entropy":
+
+        def f(eps):
+            return jaxent.cross_entropy(logits, labels, class_weights=w, label_smoothing=eps)
+
+        def want(eps):
+            return oracles.cross_entropy(logits, labels, class_weights=w, label_smoothing=eps)[0]
+    else:
+
+        def f(eps):
+            return jaxent.soft_cross_entropy(logits, targets, class_weights=w, label_smoothing=eps)
+
+        def want(eps):
+            return oracles.soft_cross_entropy(logits, targets, class_weights=w, label_smoothing=eps)
+
+    h = 1e-6
+    slope = (want(1.0) - want(1.0 - h)) / h  # the loss is linear in ε
+    assert oracles.rel_err(jax.grad(f)(jnp.float32(1.0)), slope) < 1e-4
+    assert abs(slope) > 0.1
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

@@ -175,6 +175,34 @@ def test_second_derivatives_match_reference(case, reduction):
         assert oracles.rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"lean grouped"}))
+def test_derivatives_at_a_zero_coefficient_and_at_full_smoothing(case):
+    """d/dλ grad_w(λ·L) at λ = 0 is grad_w(L): a zero cotangent must not cut the
+    gradient's derivative (tests/test_categorical.py says why it could); and at ε = 1
+    the loss keeps its ε-derivative, the float64 oracle's backward difference."""
+    x, w, labels, bias = make(6, lead=(9,), v=150)
+    impl, block = CASES[case]
+
+    def loss(w, eps=0.1):
+        return jaxent.linear_cross_entropy(
+            x, w, labels, bias=bias, label_smoothing=eps, implementation=implementation(impl),
+            block_size=block,
+        )  # fmt: skip
+
+    mixed = jax.jacfwd(jax.grad(lambda w, lam: lam * loss(w)), argnums=1)(w, 0.0)
+    first = jax.grad(loss)(w)
+    assert oracles.rel_err(mixed, first) < 1e-6 and float(jnp.max(jnp.abs(first))) > 1e-3
+
+    logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T + np.asarray(bias)
+
+    def want(eps):
+        return oracles.cross_entropy(logits, labels, label_smoothing=eps)[0]
+
+    slope = (want(1.0) - want(1.0 - 1e-6)) / 1e-6  # the loss is linear in ε
+    got = jax.grad(lambda eps: loss(w, eps))(jnp.float32(1.0))
+    assert oracles.rel_err(got, slope) < 1e-4 and abs(slope) > 0.1
+
+
 @pytest.mark.parametrize(
     ("impl", "block"), [("chunked", 16), ("chunked", (16, 4)), ("lean", 16), ("pallas", 64)]
 )
