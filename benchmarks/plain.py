@@ -7,6 +7,8 @@ float64 on CPU (float32 elsewhere), on the same (rounded) inputs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,12 +26,28 @@ def naive_loss(x, y):
     return -jnp.mean(jnp.take_along_axis(lp, y[:, None], axis=-1))
 
 
+def one_read_loss(x, y):
+    """`cross_entropy`'s rows with XLA's one-read reduction (`jaxent._one_read`), the
+    default's forward on accelerators other than CUDA, timed here on any accelerator
+    (on a GPU the default takes the Triton kernel instead). Skipped on a CPU, where
+    the default keeps two reads: the variadic reduction measured 1.8-10x slower there
+    (README, "Backends")."""
+    from jaxent import _stable
+    from jaxent.pallas import row_stats
+
+    if jax.default_backend() == "cpu":
+        raise NotImplementedError("the one-read reduction is for accelerators")
+    stats = functools.partial(row_stats.kernel_stats, xla=True)
+    return jnp.mean(_stable.categorical_rows(x, y, stats=stats).loss)
+
+
 IMPLEMENTATIONS = {
     "jaxent": lambda x, y: jaxent.cross_entropy(x, y),  # the Pallas kernel on CUDA, else XLA
     "jaxent xla": lambda x, y: jaxent.cross_entropy(x, y, implementation="xla"),
     # GPU and TPU only: on a CPU it raises NotImplementedError and `measure` skips it with a
     # notice.
     "jaxent pallas": lambda x, y: jaxent.cross_entropy(x, y, implementation="pallas"),
+    "jaxent one-read xla": one_read_loss,
     "jaxent sharded, 1 device": on_one_device(jaxent.cross_entropy, (LOGITS, POSITIONS)),
     "optax": lambda x, y: optax.losses.softmax_cross_entropy_with_integer_labels(x, y).mean(),
     "naive jnp": naive_loss,
