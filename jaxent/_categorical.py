@@ -55,7 +55,7 @@ def split_where(where: Any, logits_shape: tuple, positions_shape: tuple, axis: i
             except ValueError:
                 pass
     raise ValueError(
-        f"`where` must be broadcastable to the labels' shape {tuple(positions_shape)} "
+        f"`where` must be broadcastable to the positions' shape {tuple(positions_shape)} "
         f"(drops positions) or to the logits' shape {tuple(logits_shape)} (drops logits), "
         f"with the same number of dimensions (size-1 axes broadcast), got {shape}. "
         "Add the missing axes explicitly, e.g. `where[None]`."

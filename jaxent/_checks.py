@@ -137,8 +137,8 @@ def check_scalar_option(
     if is_python_number(value):
         value = float(value)
         if not (value >= low and (high is None or value <= high) and np.isfinite(value)):
-            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
-            raise ValueError(f"`{name}` must be {bounds}, got {value}.")
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"`{name}` must be a finite number {bounds}, got {value}.")
         return value, None
     if isinstance(value, bool) or not hasattr(value, "shape"):
         raise TypeError(f"`{name}` must be a float or a scalar array, got {type(value).__name__}.")
@@ -149,14 +149,18 @@ def check_scalar_option(
     return None, jnp.asarray(value)
 
 
-def check_positive_or_none(name: str, value: Any) -> float | None:
-    """Static options such as `softcap` and `temperature`: a Python float > 0 (or None)."""
-    if value is None:
+def check_positive_or_none(name: str, value: Any, none_ok: bool = True) -> float | None:
+    """Static options such as `softcap` (None: off) and `temperature` (`none_ok=False`):
+    a Python float > 0."""
+    alternative = " or None" if none_ok else ""
+    if value is None and none_ok:
         return None
     if not is_python_number(value):
-        raise TypeError(f"`{name}` must be a Python float > 0 or None, got {type(value).__name__}.")
+        raise TypeError(
+            f"`{name}` must be a Python float > 0{alternative}, got {type(value).__name__}."
+        )
     if not (value > 0 and np.isfinite(value)):
-        raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value}.")
+        raise ValueError(f"`{name}` must be a finite number > 0{alternative}, got {value}.")
     return float(value)
 
 

@@ -185,9 +185,7 @@ def kl_divergence(
     axis = _checks.check_axis(axis, logits.ndim)
     _checks.check_num_classes("logits", logits.shape[axis], f"shape {logits.shape}, axis {axis}")
     _checks.check_shape("target_logits", target_logits, logits.shape, "It must match `logits`.")
-    temperature = _checks.check_positive_or_none("temperature", temperature)
-    if temperature is None:
-        raise ValueError("`temperature` must be a float > 0, got None.")
+    temperature = _checks.check_positive_or_none("temperature", temperature, none_ok=False)
     positions = logits.shape[:axis] + logits.shape[axis + 1 :]
     return _kl_divergence(
         logits,

@@ -20,7 +20,7 @@ def test_scalar_option_splits_static_and_dynamic():
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [
-        (1.5, ValueError, r"`label_smoothing` must be \[0.0, 1.0\], got 1.5"),
+        (1.5, ValueError, r"`label_smoothing` must be a finite number in \[0.0, 1.0\], got 1.5"),
         (jnp.ones(2), ValueError, r"`label_smoothing` must be a scalar, got an array of shape"),
         (jnp.int32(1), TypeError, r"`label_smoothing` must be floating"),
         ("0.1", TypeError, r"`label_smoothing` must be a float or a scalar array, got str"),

@@ -83,8 +83,14 @@ def test_where_positions_and_self_divergence():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
-        jaxent.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 3)), temperature=0.0)
+    x = jnp.zeros((2, 3))
+    # None is not a temperature: the messages must not offer it.
+    with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0, got 0.0"):
+        jaxent.kl_divergence(x, x, temperature=0.0)
+    with pytest.raises(TypeError, match=r"`temperature` must be a Python float > 0, got NoneType"):
+        jaxent.kl_divergence(x, x, temperature=None)
+    with pytest.raises(ValueError, match=r"broadcastable to the positions' shape \(2,\)"):
+        jaxent.kl_divergence(x, x, where=jnp.ones((3,), bool))
     with pytest.raises(ValueError, match="`target_logits` must have shape"):
         jaxent.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
 
