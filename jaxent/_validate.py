@@ -34,9 +34,10 @@ def validate(
 ) -> jax.Array:
     """Check that every label is in [0, num_classes) or equals `ignore_index`.
 
-    Positions dropped by a labels-shaped `where` are not checked (padding may hold
-    any label). Returns `labels` (values unchanged; narrow integer dtypes widened to
-    int32, as every loss does), so it can be used inline:
+    Positions dropped by a labels-shaped `where` (size-1 axes broadcast, as in the
+    losses) are not checked (padding may hold any label). Returns `labels` (values
+    unchanged; narrow integer dtypes widened to int32, as every loss does), so it can
+    be used inline:
     `cross_entropy(logits, jaxent.validate(labels, C, ignore_index=-100))`.
 
     Raises:
@@ -55,7 +56,17 @@ def validate(
     ignore_index = _checks.check_ignore_index(ignore_index, labels)
     if where is not None:
         where = _checks.check_bool_mask("where", where)
-        _checks.check_shape("where", where, labels.shape, "It must be labels-shaped.")
+        # As the losses take it: labels-shaped, size-1 axes broadcast.
+        shape, target = tuple(where.shape), tuple(labels.shape)
+        fits = len(shape) == len(target) and all(
+            a in (1, b) for a, b in zip(shape, target, strict=True)
+        )
+        if not fits:
+            raise ValueError(
+                f"`where` must be broadcastable to the labels' shape {target}, with the same "
+                f"number of dimensions (size-1 axes broadcast), got {shape}."
+            )
+        where = jnp.broadcast_to(where, target) if shape != target else where
 
     if labels.size == 0:
         return labels
@@ -69,7 +80,7 @@ def validate(
             f"[0, {num_classes})"
             + (f" and is not ignore_index={ignore_index}" if ignore_index is not None else "")
             + ".",
-            value=labels.ravel()[first],
+            value=jnp.asarray(given).ravel()[first],  # unclipped: uint ids as given
             position=position,
         )
         return labels

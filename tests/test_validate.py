@@ -1,5 +1,7 @@
 """jaxent.validate: the opt-in run-time label check."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -42,6 +44,28 @@ def test_where_excludes_padding():
     jaxent.validate(labels, 3, where=jnp.array([True, False, True]))
     with pytest.raises(ValueError, match="99 at position"):
         jaxent.validate(labels, 3)
+
+
+def test_where_broadcasts_as_in_the_losses():
+    labels = jnp.array([[1, 99], [2, 0]])
+    jaxent.validate(labels, 3, where=jnp.array([[True, False], [True, True]]))
+    with pytest.raises(ValueError, match=r"99 at position \(0, 1\)"):
+        jaxent.validate(labels, 3, where=jnp.ones((2, 1), bool))  # (2, 1): every column
+    jaxent.validate(labels, 3, where=jnp.array([[True, False]]))  # (1, 2): column 1 dropped
+    with pytest.raises(ValueError, match=r"`where` must be broadcastable to the labels' shape"):
+        jaxent.validate(labels, 3, where=jnp.ones((2,), bool))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_huge_unsigned_labels_are_reported_as_given(jit):
+    """uint32 ids above int32's range are checked clipped, and reported unclipped."""
+    labels = jnp.array([0, 4294967196], jnp.uint32)
+    fn = functools.partial(jaxent.validate, num_classes=5)
+    with pytest.raises((ValueError, checkify.JaxRuntimeError), match="4294967196"):
+        if jit:
+            checkify.checkify(jax.jit(fn))(labels)[0].throw()
+        else:
+            fn(labels)
 
 
 def test_under_jit_with_checkify():
