@@ -163,12 +163,16 @@ def binary_cross_entropy(
     )
 
 
+@jax.custom_jvp
 def _log_one_minus_pt(x: jax.Array, t: jax.Array) -> jax.Array:
     """log(1 - p_t) where p_t = σ(x) t + (1 - σ(x))(1 - t).
 
     1 - p_t = t σ(-x) + (1 - t) σ(x), so in log space it is a logaddexp of
-    log t - softplus(x) and log(1 - t) - softplus(-x): finite, with finite
-    derivatives, even when σ(x) rounds to 0 or 1.
+    log t - softplus(x) and log(1 - t) - softplus(-x): finite even when σ(x) rounds to
+    0 or 1. Its derivatives are written out (`_log_one_minus_pt_jvp`): through the
+    logaddexp, d/dt would meet the guard on log t at t = 0 (and log(1 - t) at t = 1)
+    and come out 0 — which `_focal_factor_jvp` differentiates again for second
+    derivatives.
     """
 
     def safe_log(a):
@@ -180,6 +184,33 @@ def _log_one_minus_pt(x: jax.Array, t: jax.Array) -> jax.Array:
     certain = jnp.isneginf(a) & jnp.isneginf(b)
     lse = jnp.logaddexp(jnp.where(certain, 0, a), jnp.where(certain, 0, b))
     return jnp.where(certain, -jnp.inf, lse)
+
+
+def _log_one_minus_pt_jvp(primals, tangents):
+    """With L = log(1 - p_t), 1 - p_t = t σ(-x) + (1 - t) σ(x):
+
+        ∂L/∂x = (1 - 2t) σ(x) σ(-x) / (1 - p_t) = (1 - 2t) exp(-softplus(x) - softplus(-x) - L)
+        ∂L/∂t = (σ(-x) - σ(x)) / (1 - p_t) = (σ(-x) - σ(x)) exp(-L)
+
+    (the first at most 1 in size for t in [0, 1], as 1 - p_t >= σ(x) σ(-x)); 0 where the
+    prediction is certain (L = -inf), as through the guards of the value. Symbolic zero
+    tangents skip their term, so a large ∂L/∂t never meets a zero tangent of t."""
+    x, t = primals
+    dx, dt = tangents
+    out = _log_one_minus_pt(x, t)
+    certain = jnp.isneginf(out)
+    finite = jnp.where(certain, 0, out)
+    tangent = jnp.zeros_like(out)
+    if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+        slope = (1 - 2 * t) * jnp.exp(-softplus(x) - softplus(-x) - finite)
+        tangent += jnp.where(certain, 0, slope) * dx
+    if not isinstance(dt, jax.custom_derivatives.SymbolicZero):
+        slope = (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * jnp.exp(-finite)
+        tangent += jnp.where(certain, 0, slope) * dt
+    return out, tangent
+
+
+_log_one_minus_pt.defjvp(_log_one_minus_pt_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

@@ -265,3 +265,37 @@ def test_errors_name_the_argument(fn, kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         fn(args.pop("logits"), args.pop("targets"), **args)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+@pytest.mark.parametrize(("x", "t"), [(0.7, 0.0), (0.7, 1.0), (-1.3, 0.0), (0.7, 0.3)])
+def test_focal_hessian_in_logits_and_targets_at_hard_targets(gamma, x, t):
+    """Second derivatives in (x, t) jointly, hard targets included: the mixed ones
+    agree with each other and with the float64 oracle's second differences (one-sided
+    in t, which must stay in [0, 1]). The t-derivative of log(1 - p_t) at t = 0 or 1
+    must not come through the guard on log t (it did: d²/dx dt and d²/dt² were off)."""
+    with jax.enable_x64(True):
+        xs, ts = jnp.array([x], jnp.float64), jnp.array([t], jnp.float64)
+
+        def loss(x, t):
+            return jaxent.focal_loss(x, t, alpha=0.25, gamma=gamma, reduction="sum")
+
+        h = jax.hessian(loss, (0, 1))(xs, ts)
+
+    def f(a, b):
+        return float(oracles.focal_loss([a], [b], alpha=0.25, gamma=gamma, reduction="sum"))
+
+    e, k = 1e-4, 1e-4 if t < 0.5 else -1e-4  # t steps into [0, 1]
+
+    def dx(b):  # central in x
+        return (f(x + e, b) - f(x - e, b)) / (2 * e)
+
+    def t_at(i):
+        return t + i * k
+
+    # Second-order one-sided differences in t.
+    xx = (f(x + e, t) - 2 * f(x, t) + f(x - e, t)) / e**2
+    xt = (-3 * dx(t) + 4 * dx(t_at(1)) - dx(t_at(2))) / (2 * k)
+    tt = (2 * f(x, t) - 5 * f(x, t_at(1)) + 4 * f(x, t_at(2)) - f(x, t_at(3))) / k**2
+    got = [float(h[0][0][0, 0]), float(h[0][1][0, 0]), float(h[1][0][0, 0]), float(h[1][1][0, 0])]
+    np.testing.assert_allclose(got, [xx, xt, xt, tt], rtol=2e-3, atol=1e-6)
