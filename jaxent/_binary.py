@@ -194,7 +194,10 @@ def _log_one_minus_pt_jvp(primals, tangents):
 
     (the first at most 1 in size for t in [0, 1], as 1 - p_t >= σ(x) σ(-x)); 0 where the
     prediction is certain (L = -inf), as through the guards of the value. Symbolic zero
-    tangents skip their term, so a large ∂L/∂t never meets a zero tangent of t."""
+    tangents skip their term; 1 / (1 - p_t) is capped at the dtype's largest power of
+    e, so that a confident right prediction (|x| > 88 in float32) gives a large finite
+    ∂L/∂t, whose product with a zero tangent (`jax.hessian` passes real zeros) or with
+    the vanishing (1 - p_t)^(γ-1) of `_focal_factor_jvp` is 0, not NaN."""
     x, t = primals
     dx, dt = tangents
     out = _log_one_minus_pt(x, t)
@@ -205,7 +208,8 @@ def _log_one_minus_pt_jvp(primals, tangents):
         slope = (1 - 2 * t) * jnp.exp(-softplus(x) - softplus(-x) - finite)
         tangent += jnp.where(certain, 0, slope) * dx
     if not isinstance(dt, jax.custom_derivatives.SymbolicZero):
-        slope = (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * jnp.exp(-finite)
+        cap = float(np.log(np.finfo(out.dtype).max)) - 1
+        slope = (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * jnp.exp(jnp.minimum(-finite, cap))
         tangent += jnp.where(certain, 0, slope) * dt
     return out, tangent
 

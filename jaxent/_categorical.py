@@ -224,7 +224,8 @@ def cross_entropy(
       where: bool, labels-shaped (False drops a position) or logits-shaped (False
         drops a logit from the log-sum-exp, the smoothing and the gradient).
       ignore_index: positions whose label equals it are dropped (e.g. -100).
-      class_weights: (C,) per-class weight w (PyTorch's `weight`); it gets no gradient.
+      class_weights: (C,) per-class weight w (PyTorch's `weight`), a constant:
+        differentiating through it raises a ValueError (`_checks.no_gradient`).
       label_smoothing: ε in [0, 1], spread as ε/C over the kept classes.
       z_loss: λ_z >= 0, coefficient of lse² (PaLM's auxiliary z-loss).
       softcap: s > 0 caps logits smoothly to (-s, s) before everything else.

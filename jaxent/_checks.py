@@ -7,6 +7,7 @@ expected and what was given, and where possible how to fix it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -229,6 +230,7 @@ def check_ignore_index(ignore_index: Any, labels: jax.Array | None = None) -> in
 def check_class_weights(
     class_weights: Any, num_classes: int, classes: str = "the class axis of `logits`"
 ) -> jax.Array | None:
+    """The (C,) class weights, refusing differentiation (`no_gradient`)."""
     if class_weights is None:
         return None
     class_weights = check_floating("class_weights", class_weights)
@@ -238,7 +240,30 @@ def check_class_weights(
         (num_classes,),
         f"It holds one weight per class (the size of {classes}).",
     )
-    return class_weights
+    return no_gradient("class_weights", class_weights)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def no_gradient(name: str, value: jax.Array) -> jax.Array:
+    """`value`, for an argument the losses do not differentiate: being differentiated
+    (a tangent that is not a symbolic zero, in forward or reverse mode) raises a
+    ValueError at trace time, where a silent zero gradient would train nothing (PyTorch
+    likewise refuses the derivative of `weight`)."""
+    return value
+
+
+def _no_gradient_jvp(name, primals, tangents):
+    (value,), (tangent,) = primals, tangents
+    if not isinstance(tangent, jax.custom_derivatives.SymbolicZero):
+        raise ValueError(
+            f"`{name}` cannot be differentiated: jaxent's losses take it as a constant (as "
+            f"PyTorch refuses the derivative of `weight`), and here it depends on what is "
+            f"being differentiated. Pass `jax.lax.stop_gradient({name})` to use it as one."
+        )
+    return value, jnp.zeros_like(value)
+
+
+no_gradient.defjvp(_no_gradient_jvp, symbolic_zeros=True)
 
 
 def check_axis_name(name: str, value: Any) -> Any:

@@ -352,6 +352,14 @@ def _live(ct) -> jax.Array:
     )
 
 
+def _constant_where_dead(ct, a: jax.Array) -> jax.Array:
+    """`a` (..., C), held constant (no derivative) in rows of zero cotangent: their
+    gradient is ct times something, 0, and so is its derivative in the logits — even
+    for padding rows of huge or non-finite logits, whose tangents would otherwise give
+    0 · NaN in second derivatives. (In value it is `a`; only its derivative changes.)"""
+    return jnp.where(column(_live(ct)), a, lax.stop_gradient(a))
+
+
 def _zero_where_dead(ct, grad: jax.Array) -> jax.Array:
     """`grad` (..., C) with its non-finite entries in rows of zero cotangent set to 0.
 
@@ -385,7 +393,7 @@ def partial_grad(
     taken with, hit (...,) whether the label was a kept class of the block, and e
     (..., C) is exp(z - m) when saved by the forward, or None to recompute it here.
     """
-    x = logits.astype(compute_dtype(logits.dtype))
+    x = _constant_where_dead(ct, logits.astype(compute_dtype(logits.dtype)))
     keep = None
     if e is None or smoothing or softcap is not None or logit_mask is not None:
         keep = x != -jnp.inf
@@ -397,6 +405,8 @@ def partial_grad(
         z, slope = softcap * t, 1 - t * t
     if e is None:
         e = jnp.exp(jnp.where(keep, z, -jnp.inf) - m[..., None])
+    else:  # saved by the forward: its derivative comes with it
+        e = _constant_where_dead(ct, e)
     # A dropped logit has e = 0 and is never the label of a hit row, so without
     # smoothing, softcap or mask `keep` is not needed: the plain CPU case reads only e.
     ids = lax.broadcasted_iota(labels.dtype, (x.shape[-1],), 0) + offset
@@ -791,7 +801,8 @@ def soft_grad(
 
     `e` is exp(z - m) when saved by the forward, or None to recompute it here.
     """
-    x = logits.astype(compute_dtype(logits.dtype))
+    x = _constant_where_dead(ct, logits.astype(compute_dtype(logits.dtype)))
+    targets = _constant_where_dead(ct, targets)
     keep = x != -jnp.inf
     if logit_mask is not None:
         keep = keep & logit_mask
@@ -801,6 +812,8 @@ def soft_grad(
         z, slope = softcap * t_cap, 1 - t_cap * t_cap
     if e is None:
         e = jnp.exp(jnp.where(keep, z, -jnp.inf) - m[..., None])
+    else:  # saved by the forward: its derivative comes with it
+        e = _constant_where_dead(ct, e)
     w = 1 if class_weights is None else class_weights.astype(x.dtype)
     t = targets.astype(x.dtype)
     dz = ct.s[..., None] * e - ct.wt_below[..., None] * w * t

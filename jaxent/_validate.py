@@ -80,7 +80,9 @@ def validate(
             f"[0, {num_classes})"
             + (f" and is not ignore_index={ignore_index}" if ignore_index is not None else "")
             + ".",
-            value=jnp.asarray(given).ravel()[first],  # unclipped: uint ids as given
+            # A device array's ids as given (uint32 beyond int32, unclipped); host ids
+            # may be 64-bit, which a 32-bit trace cannot hold: the checked values.
+            value=(given if isinstance(given, jax.Array) else labels).ravel()[first],
             position=position,
         )
         return labels

@@ -299,3 +299,17 @@ def test_focal_hessian_in_logits_and_targets_at_hard_targets(gamma, x, t):
     tt = (2 * f(x, t) - 5 * f(x, t_at(1)) + 4 * f(x, t_at(2)) - f(x, t_at(3))) / k**2
     got = [float(h[0][0][0, 0]), float(h[0][1][0, 0]), float(h[1][0][0, 0]), float(h[1][1][0, 0])]
     np.testing.assert_allclose(got, [xx, xt, xt, tt], rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+@pytest.mark.parametrize(("x", "t"), [(100.0, 1.0), (-100.0, 0.0), (100.0, 0.0)])
+def test_focal_hessian_finite_for_confident_predictions(gamma, x, t):
+    """1 / (1 - p_t) in the derivative of log(1 - p_t) is capped: for γ >= 1 the
+    Hessian in (x, t) of a confident prediction is finite, not NaN from inf times a
+    zero tangent; for γ = 2 and a right one every entry is ~0 (1 - p_t ~ e^-100)."""
+    xs, ts = jnp.array([x], jnp.float32), jnp.array([t], jnp.float32)  # |x| > 88: capped
+    h = jax.hessian(lambda x, t: jaxent.focal_loss(x, t, gamma=gamma, reduction="sum"), (0, 1))
+    entries = np.array([float(a[0, 0]) for row in h(xs, ts) for a in row])
+    assert np.all(np.isfinite(entries))
+    if gamma == 2.0 and (x > 0) == (t > 0.5):
+        assert np.all(np.abs(entries) < 1e-30)

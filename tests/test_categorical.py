@@ -219,6 +219,31 @@ def test_second_derivatives_where_the_cotangent_is_zero(loss):
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "soft_cross_entropy"])
+@pytest.mark.parametrize("padding", [(1.0, np.inf), (1.0, np.nan), (np.inf, 1.0), (3e38, 1.0)])
+def test_hessian_vector_products_ignore_dropped_rows(loss, padding):
+    """A dropped (padding) row may hold anything, in its logits and in their tangent
+    (an inf from a huge activation): the Hessian-vector product there is 0 and the
+    other rows' are untouched, with smoothing and a soft-cap too."""
+    logits, labels = make(30, (4,), 6)
+    value, tangent = padding
+    logits = logits.at[3].set(value)
+    v = jnp.ones_like(logits).at[3].set(tangent)
+    keep = jnp.array([True, True, True, False])
+    targets = jax.nn.softmax(make(31, (4,), 6)[0])
+    opts = dict(where=keep, label_smoothing=0.1, softcap=5.0)
+
+    def f(x):
+        if loss == "cross_entropy":
+            return jaxent.cross_entropy(x, labels, **opts)
+        return jaxent.soft_cross_entropy(x, targets, **opts)
+
+    hv = jax.jvp(jax.grad(f), (logits,), (v,))[1]
+    clean = jax.jvp(jax.grad(f), (logits.at[3].set(0.0),), (v.at[3].set(0.0),))[1]
+    assert np.all(np.asarray(hv[3]) == 0)
+    np.testing.assert_allclose(hv[:3], clean[:3], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "soft_cross_entropy"])
 def test_label_smoothing_gradient_at_one(loss):
     """At ε = 1 the label's share (1 - ε) w[y] nll is 0 but its ε-derivative is not
     (-w[y] nll): the float64 oracle's backward difference."""

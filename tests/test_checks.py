@@ -145,3 +145,27 @@ def test_dtype_errors_name_the_dtype_given_not_the_converted_one():
             jaxent.cross_entropy(jnp.zeros((3, 4)), np.zeros(3))
         with pytest.raises(TypeError, match="`logits` must have a floating dtype .* got int64"):
             jaxent.cross_entropy(np.zeros((3, 4), np.int64), jnp.zeros(3, jnp.int32))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "soft_cross_entropy", "linear_cross_entropy"])
+def test_differentiating_class_weights_raises(loss):
+    """A silent zero gradient would train nothing: differentiating through
+    `class_weights` names them; stop_gradient makes them a constant again."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+    labels = jnp.array([0, 1, 2, 3, 0, 1])
+    w = jnp.array([1.0, 2.0, 0.5, 1.5])
+
+    def f(w, x=x):
+        if loss == "cross_entropy":
+            return jaxent.cross_entropy(x, labels, class_weights=w)
+        if loss == "soft_cross_entropy":
+            return jaxent.soft_cross_entropy(x, jax.nn.softmax(x), class_weights=w)
+        return jaxent.linear_cross_entropy(x, jnp.eye(4), labels, class_weights=w)
+
+    for transform in (jax.grad, jax.jacfwd):
+        with pytest.raises(ValueError, match=r"`class_weights` cannot be differentiated"):
+            transform(f)(w)
+    assert float(jax.grad(lambda w: f(jax.lax.stop_gradient(w)) + w.sum())(w)[0]) == 1.0
+    # The logits' derivatives, first and second, are unaffected.
+    g = jax.grad(lambda x: f(w, x))(x)
+    assert g.shape == x.shape and bool(jnp.all(jnp.isfinite(g)))

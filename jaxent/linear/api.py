@@ -178,7 +178,7 @@ def _chunked(
         labels=strided_blocks(labels.reshape(n), num_blocks, block),
         position_mask=strided_blocks(pmask.reshape(n), num_blocks, block, fill=False),
         logit_mask=strided_blocks(
-            None if logit_mask is None else logit_mask.reshape(n, -1),
+            None if logit_mask is None else logit_mask.reshape(n, w.shape[0]),
             num_blocks,
             block,
             fill=False,

@@ -40,7 +40,7 @@ from jax import lax
 from .._stable import Rows, categorical_rows, logit_stats
 from .blocks import put_block, strided_blocks, take_block
 from .mesh import sum_to_primal_axes, varying_like
-from .reference import logits_dtype, project
+from .reference import gradient_dtype, logits_dtype, project
 
 
 class Static(NamedTuple):
@@ -182,7 +182,7 @@ def _block_grads(st: Static, ops: Operands, block, cotangent=None):
             rows, vjp = None, jax.vjp(lambda *a: rows_of(*a).loss, logits, *options)[1]
             dlogits, *d_options = vjp(take_block(cts, j).astype(logits.dtype))
         db = None if ops.bias is None else jnp.sum(dlogits, axis=0, dtype=acc)
-        return carry, (rows, dlogits.astype(mm), db, tuple(d_options))
+        return carry, (rows, dlogits.astype(gradient_dtype(mm)), db, tuple(d_options))
 
     rows, dlogits, db, d_options = lax.scan(step, None, _indices(st.sub_blocks))[1]
     rows = None if rows is None else jax.tree.map(_in_block_order, rows)

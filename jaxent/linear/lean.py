@@ -51,7 +51,7 @@ from .._stable import (
 from .blocks import put_block, take_block
 from .chunked import Static, pick
 from .mesh import sum_to_primal_axes, varying_like
-from .reference import logits_dtype, project
+from .reference import gradient_dtype, logits_dtype, project
 
 
 class Operands(NamedTuple):
@@ -291,7 +291,7 @@ def _vocab_rows_bwd(st: Static, residuals, cotangents: Rows):
             lg = project(ops.x, wb, bb)
             _, vjp = jax.vjp(block_sums, lg)
             (dlogits,) = vjp(ct_sums)
-            dl = dlogits.astype(mm)
+            dl = dlogits.astype(gradient_dtype(mm))
             dbias = None if db is None else jnp.sum(dlogits, axis=0, dtype=acc)
         else:
             dl, dbias = _kernel_grad(st, ops, i, ct_sums, m)

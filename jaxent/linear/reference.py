@@ -20,6 +20,16 @@ def logits_dtype(x: jax.Array, w: jax.Array):
     return compute_dtype(jnp.result_type(x.dtype, w.dtype))
 
 
+def gradient_dtype(matmul_dtype) -> jnp.dtype:
+    """The dtype a block's logit gradient is written in for the dx and dw matmuls: the
+    matmul dtype (bf16 tensor cores), except float16. A gradient already scaled by its
+    cotangent — 1/N for a mean — is ~p/N per logit, and float16's 5-bit exponent makes
+    that subnormal, precision gone, for N in the tens of thousands (dx and dw 2e-2
+    from the float64 truth at N=65536); float32 there. bfloat16 has float32's exponent."""
+    dtype = jnp.dtype(matmul_dtype)
+    return jnp.dtype(jnp.float32) if dtype == jnp.float16 else dtype
+
+
 def project(x: jax.Array, w: jax.Array, bias: jax.Array | None) -> jax.Array:
     """(..., D) @ (V, D)^T (+ bias) -> (..., V) logits, accumulated in float32.
 

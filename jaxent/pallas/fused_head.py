@@ -65,7 +65,7 @@ from .._stable import (
 )
 from ..linear.blocks import take_block
 from ..linear.mesh import varying_like
-from ..linear.reference import project
+from ..linear.reference import gradient_dtype, project
 from .row_stats import Config, _like, argmax_step
 
 MIN_TILE = 16  # Triton's dot needs every side >= 16
@@ -375,7 +375,7 @@ def _grad_launch(config: Config, ops: Operands, ct: Cotangents):
     grid = (pl.cdiv(n, tiles[0]), pl.cdiv(v, tiles[1]))
     parts = None if ops.bias is None else _like(ops.x, (grid[0], v), jnp.float32)
     if n == 0:  # no program to run
-        empty = (_like(ops.x, (0, v), ops.x.dtype), parts)
+        empty = (_like(ops.x, (0, v), gradient_dtype(ops.x.dtype)), parts)
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), empty)
     if config.mosaic:
         from . import fused_head_tpu
@@ -384,7 +384,7 @@ def _grad_launch(config: Config, ops: Operands, ct: Cotangents):
     kernel = functools.partial(_grad_kernel, n=n, v=v, d=d, tiles=tiles, config=config)
     return pl.pallas_call(
         kernel,
-        out_shape=(_like(ops.x, (n, v), ops.x.dtype), parts),
+        out_shape=(_like(ops.x, (n, v), gradient_dtype(ops.x.dtype)), parts),
         grid=grid,
         compiler_params=plgpu.CompilerParams(num_warps=_num_warps(*tiles[:2]), num_stages=3),
         interpret=config.interpret,
@@ -406,7 +406,7 @@ def _grad_xla(config: Config, ops: Operands, ct: Cotangents):
     z = project(ops.x, block_w(ops), ops.bias)
     dz = partial_grad(sums, z, ops.labels, 0, ct.m, ops.class_weights, keep, hit,
                       config.softcap, config.smoothing, None)  # fmt: skip
-    return dz.astype(ops.x.dtype), None if ops.bias is None else jnp.sum(dz, axis=0)
+    return dz.astype(gradient_dtype(ops.x.dtype)), None if ops.bias is None else jnp.sum(dz, axis=0)
 
 
 @_grad.defjvp
@@ -425,5 +425,6 @@ def _grad_jvp(config: Config, primals, tangents):
 
 
 def block_grad(config: Config, ops: Operands, ct: Cotangents):
-    """(dlogits (N, Bv) in x's dtype, dbias (Bv,) float32 or None) of one block."""
+    """(dlogits (N, Bv) in `reference.gradient_dtype` of x's dtype, dbias (Bv,) float32
+    or None) of one block."""
     return _grad(config, ops, ct)

@@ -236,6 +236,51 @@ def test_leading_dims_small_and_empty_batches(impl, lead):
         assert a.shape == b.shape and oracles.rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["chunked", "lean", "pallas"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_float16_gradients_of_a_small_loss_keep_their_precision(impl, reduction):
+    """A mean over N positions makes each logit's gradient ~p/N, subnormal in float16
+    for N in the hundreds and up: written in float16 for the matmuls it kept a few
+    bits (dx, dw 2e-2 off at N=65536); `reference.gradient_dtype` writes it in float32.
+    Against float64 on the same float16 inputs: within DESIGN's 1e-2 and about as close
+    as the reference ("none": the sum divided by N, the same cotangents)."""
+    n = 2048
+    x, w, labels, _ = make(7, lead=(n,), d=8, v=2048, dtype=jnp.float16)
+
+    def grads(x, w, impl):
+        def loss(x, w):
+            block = None if impl == "xla" else 512
+            out = jaxent.linear_cross_entropy(
+                x, w, labels, reduction=reduction, implementation=impl, block_size=block
+            )
+            return jnp.sum(out) / n if reduction == "none" else out
+
+        return jax.grad(loss, argnums=(0, 1))(x, w)
+
+    truth = grads(x.astype(jnp.float64), w.astype(jnp.float64), "xla")
+    reference = grads(x, w, "xla")
+    for got, ref, want in zip(grads(x, w, impl), reference, truth, strict=True):
+        assert got.dtype == jnp.float16
+        err = oracles.rel_err(got.astype(jnp.float64), want)
+        assert err < 1e-2 and err < 2 * oracles.rel_err(ref.astype(jnp.float64), want) + 1e-3
+
+
+@pytest.mark.parametrize("impl", [None, "chunked", "lean", "pallas", "pallas tpu"])
+@pytest.mark.parametrize("lead", [(0,), (0, 3), (3, 0)])
+def test_empty_batch_with_a_logits_shaped_mask(impl, lead):
+    """Nothing valid: the mean is 0 with zero gradients, a logits-shaped `where` too
+    (its (N, V) reshape must not infer V from N = 0 elements)."""
+    x, w, labels, _ = make(3, lead=lead, v=13)
+    mask = jnp.ones(lead + (13,), bool)
+
+    def loss(x, w):
+        impl_ = implementation(impl)
+        return jaxent.linear_cross_entropy(x, w, labels, where=mask, implementation=impl_)
+
+    value, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+    assert float(value) == 0.0 and dx.shape == x.shape and not np.any(np.asarray(dw))
+
+
 @pytest.mark.parametrize("impl", ["chunked", "lean", "pallas", "pallas tpu"])
 def test_aux_matches_reference(impl):
     x, w, labels, bias = make(4)
