@@ -371,7 +371,7 @@ def soft_cross_entropy(
         the denominator).
 
     A dropped logit (`-inf` or masked) with zero target contributes 0; with a non-zero
-    target the loss is +inf. Gradients flow to `targets` too (wrap them in
+    target the loss is +inf, with a NaN target NaN. Gradients flow to `targets` too (wrap them in
     `lax.stop_gradient` for a frozen teacher).
     """
     opts = check_common(

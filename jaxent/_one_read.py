@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ._stable import Partial, SoftPartial, kept, prepare_logits, row_max
+from ._stable import Partial, SoftPartial, kept, lost_mass, prepare_logits, row_max
 
 
 def online_reduce(z, s, weighted: dict, plain: dict):
@@ -98,7 +98,7 @@ def rows(x, t, mask, weights, *, softcap, smoothing: bool, with_argmax: bool):
     if t is not None:
         wt = t.astype(z.dtype) if weights is None else t.astype(z.dtype) * weights
         weighted["wt"] = jnp.where(keep, wt, 0)
-        plain["lost"] = ~keep & (wt != 0)
+        plain["lost"] = lost_mass(keep, wt)
     best, s, pairs, totals = online_reduce(z, s, weighted, plain)
     extra = {}
     if smoothing:

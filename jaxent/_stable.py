@@ -720,7 +720,8 @@ class SoftPartial(NamedTuple):
     when the row is finished, from the sums of `class_sums`:
 
     s: Σ_keep e^(z-m); wt_sum: Σ_keep w t; wt_below: Σ_keep w t (m - z);
-    lost: Σ_drop [w t != 0] (target mass on dropped logits); kw_sum, below_max, count
+    lost: Σ_drop [w t != 0] (target mass on dropped logits; NaN for a NaN target there,
+    `lost_mass`); kw_sum, below_max, count
     as in `Partial` (with smoothing only).
     """
 
@@ -745,11 +746,19 @@ def soft_sums(z, t, m, w, smoothing: bool, e=None) -> SoftPartial:
         s=base.s,
         wt_sum=jnp.sum(kwt, axis=-1),
         wt_below=jnp.sum(jnp.where(keep, kwt * (m[..., None] - z), 0), axis=-1),
-        lost=jnp.sum(~keep & (wt != 0), axis=-1, dtype=z.dtype),
+        lost=jnp.sum(lost_mass(keep, wt), axis=-1),
         kw_sum=base.kw_sum,
         below_max=base.below_max,
         count=base.count,
     )
+
+
+def lost_mass(keep, wt):
+    """Per logit, whether a dropped one (not `keep`) is asked to hold target mass
+    (w t != 0), as 1.0 / 0.0 — NaN for a NaN target there, so that the row's loss is
+    NaN, as NaN targets at kept logits make it, rather than +inf."""
+    dropped = jnp.where(jnp.isnan(wt), jnp.nan, (wt != 0).astype(wt.dtype))
+    return jnp.where(keep, 0, dropped)
 
 
 def soft_partial(logits, targets, m, class_weights, logit_mask, softcap, smoothing):
@@ -901,6 +910,7 @@ def soft_rows(
         below = (1 - label_smoothing) * below + share * p.below_max
         lost = lost & (label_smoothing != 1)  # dropped logits keep (1-ε) t
     loss = jnp.where(lost, jnp.inf, (lse - m) * mass + below)
+    loss = jnp.where(jnp.isnan(p.lost), jnp.nan, loss)  # a NaN target on a dropped logit
     if smoothing:
         loss = _smoothing_in_range(loss, label_smoothing)
     zl = _z_loss_term(z_loss, 1, lse, loss)

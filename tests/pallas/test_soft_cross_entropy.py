@@ -114,6 +114,21 @@ def test_edge_rows_and_odd_sizes():
     )
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_nan_target_on_a_dropped_logit_is_nan(implementation):
+    """A NaN target makes the loss NaN wherever it sits: on a dropped (-inf or masked)
+    logit too, where a non-zero target gives +inf; dropped positions stay 0."""
+    x, t = make(5, 4, 20)
+    x = x.at[0, 3].set(-jnp.inf)
+    t = t.at[0, 3].set(jnp.nan).at[2, 3].set(jnp.nan)
+    mask = jnp.ones(x.shape, bool).at[2, 3].set(False)  # row 2: NaN target, masked logit
+    keep = jnp.array([True, False, True, True])
+    t = t.at[1, 0].set(jnp.nan)  # a dropped position's NaN target: still 0
+    loss = run(implementation, jaxent.soft_cross_entropy, x, t, reduction="none",
+               where=mask & keep[:, None], **ALL)  # fmt: skip
+    assert np.isnan(loss[0]) and loss[1] == 0 and np.isnan(loss[2]) and np.isfinite(loss[3])
+
+
 def test_accuracy_compares_first_argmaxes_across_tiles():
     x = jnp.zeros((3, 40), F32).at[:, 7].set(1.0).at[:, 30].set(1.0)  # tied logits
     t = jnp.zeros((3, 40), F32).at[0, 7].set(1.0).at[1, 30].set(1.0).at[2, 7].set(0.5)
