@@ -163,6 +163,12 @@ def binary_cross_entropy(
     )
 
 
+def _log_max(dtype) -> float:
+    """The largest power of e the dtype holds, less 1: where the derivatives below cap
+    a factor that grows without bound, so that its product with 0 is 0, not NaN."""
+    return float(np.log(np.finfo(dtype).max)) - 1
+
+
 @jax.custom_jvp
 def _log_one_minus_pt(x: jax.Array, t: jax.Array) -> jax.Array:
     """log(1 - p_t) where p_t = σ(x) t + (1 - σ(x))(1 - t).
@@ -208,8 +214,9 @@ def _log_one_minus_pt_jvp(primals, tangents):
         slope = (1 - 2 * t) * jnp.exp(-softplus(x) - softplus(-x) - finite)
         tangent += jnp.where(certain, 0, slope) * dx
     if not isinstance(dt, jax.custom_derivatives.SymbolicZero):
-        cap = float(np.log(np.finfo(out.dtype).max)) - 1
-        slope = (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * jnp.exp(jnp.minimum(-finite, cap))
+        slope = (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * jnp.exp(
+            jnp.minimum(-finite, _log_max(out.dtype))
+        )
         tangent += jnp.where(certain, 0, slope) * dt
     return out, tangent
 
@@ -252,7 +259,7 @@ def _focal_factor_jvp(gamma, primals, tangents):
         # its product with the vanishing BCE term (`_modulate`) is 0, not inf · 0 = NaN.
         # (There that product's exact value is γ/|x| of the t-gradient: under 1% once
         # the cap is reached, |x| > 88 in float32.)
-        cap = float(np.log(np.finfo(out.dtype).max)) - 1
+        cap = _log_max(out.dtype)
         at_certain = -jnp.inf if gamma > 1 else 0.0 if gamma == 1 else cap
         gap_power = jnp.exp(jnp.minimum(jnp.where(certain, at_certain, power), cap))
         tangent += gamma * (jax.nn.sigmoid(-x) - jax.nn.sigmoid(x)) * gap_power * dt

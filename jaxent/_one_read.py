@@ -30,7 +30,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ._stable import Partial, SoftPartial, kept, lost_mass, prepare_logits, row_max
+from ._stable import (
+    Partial,
+    SoftPartial,
+    kept,
+    kept_weights,
+    prepare_logits,
+    row_max,
+    target_terms,
+)
 
 
 def online_reduce(z, s, weighted: dict, plain: dict):
@@ -93,12 +101,10 @@ def rows(x, t, mask, weights, *, softcap, smoothing: bool, with_argmax: bool):
     s = jnp.where(z == jnp.inf, jnp.nan, keep.astype(z.dtype))
     weighted, plain = {}, {}
     if smoothing:
-        weighted["kw"] = keep.astype(z.dtype) if weights is None else jnp.where(keep, weights, 0)
+        weighted["kw"] = kept_weights(keep, weights, z.dtype)
         plain["count"] = keep
     if t is not None:
-        wt = t.astype(z.dtype) if weights is None else t.astype(z.dtype) * weights
-        weighted["wt"] = jnp.where(keep, wt, 0)
-        plain["lost"] = lost_mass(keep, wt)
+        weighted["wt"], plain["lost"] = target_terms(keep, t.astype(z.dtype), weights)
     best, s, pairs, totals = online_reduce(z, s, weighted, plain)
     extra = {}
     if smoothing:

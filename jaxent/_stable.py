@@ -199,7 +199,7 @@ def class_sums(z, m, w, smoothing: bool, e=None) -> Partial:
     if not smoothing:
         return Partial(s=s, z_label=None, label_hits=None)
     keep = kept(z)
-    kw = keep.astype(z.dtype) if w is None else jnp.where(keep, w, 0)
+    kw = kept_weights(keep, w, z.dtype)
     return Partial(
         s=s,
         z_label=None,
@@ -208,6 +208,20 @@ def class_sums(z, m, w, smoothing: bool, e=None) -> Partial:
         below_max=jnp.sum(jnp.where(keep, kw * (m[..., None] - z), 0), axis=-1),
         count=jnp.sum(keep, axis=-1, dtype=z.dtype),
     )
+
+
+def kept_weights(keep, w, dtype):
+    """Per logit, the class weight where kept (1 without weights), 0 where dropped: the
+    terms of kw_sum, and the weights of below_max = Σ_keep w (m - z)."""
+    return keep.astype(dtype) if w is None else jnp.where(keep, w, 0)
+
+
+def target_terms(keep, t, w):
+    """Per logit, (w t where kept, else 0; `lost_mass`): the terms of `SoftPartial`'s
+    wt_sum (and the weights of wt_below) and of lost, for targets t and class weights w
+    or None."""
+    wt = t if w is None else t * w
+    return jnp.where(keep, wt, 0), lost_mass(keep, wt)
 
 
 def block_partial(z, labels, offset, m, class_weights, smoothing: bool, e=None) -> Partial:
@@ -352,16 +366,18 @@ def _live(ct) -> jax.Array:
     )
 
 
-def _constant_where_dead(ct, a: jax.Array) -> jax.Array:
-    """`a` (..., C), held constant (no derivative) in rows of zero cotangent: their
+def _constant_where_dead(live, a: jax.Array) -> jax.Array:
+    """`a` (..., C), held constant (no derivative) in the rows not `live` (a column of
+    `_live`, zero cotangent): their
     gradient is ct times something, 0, and so is its derivative in the logits — even
     for padding rows of huge or non-finite logits, whose tangents would otherwise give
     0 · NaN in second derivatives. (In value it is `a`; only its derivative changes.)"""
-    return jnp.where(column(_live(ct)), a, lax.stop_gradient(a))
+    return jnp.where(live, a, lax.stop_gradient(a))
 
 
-def _zero_where_dead(ct, grad: jax.Array) -> jax.Array:
-    """`grad` (..., C) with its non-finite entries in rows of zero cotangent set to 0.
+def _zero_where_dead(live, grad: jax.Array) -> jax.Array:
+    """`grad` (..., C) with its non-finite entries in the rows not `live` (zero
+    cotangent) set to 0.
 
     A dropped position gets zero cotangents (`_without_dropped`), and its gradient must
     be exactly 0 even where its logits are NaN or inf (0 * NaN would be NaN): padding
@@ -370,7 +386,7 @@ def _zero_where_dead(ct, grad: jax.Array) -> jax.Array:
     respect to the cotangent, and second derivatives taken where a row's cotangent
     happens to be 0 (a loss coefficient at 0, a zero residual) would come out 0.
     Elementwise, so the backward stays one pass."""
-    return jnp.where(column(_live(ct)) | jnp.isfinite(grad), grad, 0)
+    return jnp.where(live | jnp.isfinite(grad), grad, 0)
 
 
 def _own_copy(logits, logit_mask):
@@ -393,7 +409,8 @@ def partial_grad(
     taken with, hit (...,) whether the label was a kept class of the block, and e
     (..., C) is exp(z - m) when saved by the forward, or None to recompute it here.
     """
-    x = _constant_where_dead(ct, logits.astype(compute_dtype(logits.dtype)))
+    live = column(_live(ct))
+    x = _constant_where_dead(live, logits.astype(compute_dtype(logits.dtype)))
     keep = None
     if e is None or smoothing or softcap is not None or logit_mask is not None:
         keep = x != -jnp.inf
@@ -406,7 +423,7 @@ def partial_grad(
     if e is None:
         e = jnp.exp(jnp.where(keep, z, -jnp.inf) - m[..., None])
     else:  # saved by the forward: its derivative comes with it
-        e = _constant_where_dead(ct, e)
+        e = _constant_where_dead(live, e)
     # A dropped logit has e = 0 and is never the label of a hit row, so without
     # smoothing, softcap or mask `keep` is not needed: the plain CPU case reads only e.
     ids = lax.broadcasted_iota(labels.dtype, (x.shape[-1],), 0) + offset
@@ -420,7 +437,7 @@ def partial_grad(
         dz = dz * slope
     if keep is not None:
         dz = jnp.where(keep, dz, 0)
-    return _zero_where_dead(ct, dz).astype(logits.dtype)
+    return _zero_where_dead(live, dz).astype(logits.dtype)
 
 
 _logit_partial.defvjp(_logit_partial_fwd, _logit_partial_bwd)
@@ -740,13 +757,12 @@ def soft_sums(z, t, m, w, smoothing: bool, e=None) -> SoftPartial:
     Pallas kernel runs this same code on each tile."""
     base = class_sums(z, m, w, smoothing, e)
     keep = kept(z)
-    wt = t if w is None else t * w
-    kwt = jnp.where(keep, wt, 0)
+    kwt, lost = target_terms(keep, t, w)
     return SoftPartial(
         s=base.s,
         wt_sum=jnp.sum(kwt, axis=-1),
         wt_below=jnp.sum(jnp.where(keep, kwt * (m[..., None] - z), 0), axis=-1),
-        lost=jnp.sum(lost_mass(keep, wt), axis=-1),
+        lost=jnp.sum(lost, axis=-1),
         kw_sum=base.kw_sum,
         below_max=base.below_max,
         count=base.count,
@@ -810,8 +826,9 @@ def soft_grad(
 
     `e` is exp(z - m) when saved by the forward, or None to recompute it here.
     """
-    x = _constant_where_dead(ct, logits.astype(compute_dtype(logits.dtype)))
-    targets = _constant_where_dead(ct, targets)
+    live = column(_live(ct))
+    x = _constant_where_dead(live, logits.astype(compute_dtype(logits.dtype)))
+    targets = _constant_where_dead(live, targets)
     keep = x != -jnp.inf
     if logit_mask is not None:
         keep = keep & logit_mask
@@ -822,7 +839,7 @@ def soft_grad(
     if e is None:
         e = jnp.exp(jnp.where(keep, z, -jnp.inf) - m[..., None])
     else:  # saved by the forward: its derivative comes with it
-        e = _constant_where_dead(ct, e)
+        e = _constant_where_dead(live, e)
     w = 1 if class_weights is None else class_weights.astype(x.dtype)
     t = targets.astype(x.dtype)
     dz = ct.s[..., None] * e - ct.wt_below[..., None] * w * t
@@ -833,8 +850,8 @@ def soft_grad(
     dt = w * (ct.wt_sum[..., None] + ct.wt_below[..., None] * (m[..., None] - z))
     zero = jnp.zeros((), x.dtype)
     return (
-        jnp.where(keep, _zero_where_dead(ct, dz), zero).astype(logits.dtype),
-        jnp.where(keep, _zero_where_dead(ct, dt), zero).astype(targets.dtype),
+        jnp.where(keep, _zero_where_dead(live, dz), zero).astype(logits.dtype),
+        jnp.where(keep, _zero_where_dead(live, dt), zero).astype(targets.dtype),
     )
 
 

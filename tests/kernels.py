@@ -32,47 +32,37 @@ PLATFORM_TILES = {
 }
 
 
-def each_platform(tiles: dict, per_platform: dict = PLATFORM_TILES, autouse: bool = True):
+def each_platform(
+    tiles: dict, per_platform: dict = PLATFORM_TILES, autouse: bool = True, one_read=False
+):
     """A fixture for a test module (autouse: for every test): the test runs once per
     kernel (the keys of `per_platform`), with `tiles` — the module's kernel_mode
     arguments — set to that kernel's. On a GPU (or TPU) the other backend's kernel is
     skipped: interpreting it there repeats what CI does on CPU, while the device
-    session checks the compiled kernel of its own backend."""
-    import pytest
+    session checks the compiled kernel of its own backend.
 
-    @pytest.fixture(autouse=autouse, params=sorted(per_platform))
-    def _platform(request):
-        backend = jax.default_backend()
-        if backend not in ("cpu", request.param):
-            pytest.skip(f"the {request.param} kernel is interpreted in CI; here the {backend}'s")
-        tiles.clear()
-        tiles.update(per_platform[request.param])
-
-    return _platform
-
-
-def one_read_too(tiles: dict):
-    """`each_platform(tiles)` for the plain losses' suites, plus a third run,
-    "one-read": the kernel's place taken by XLA's one-read variadic reduction
-    (`jaxent._one_read`, what the default takes off CUDA and CPU) — inside
-    `kernel_mode`, `implementation="pallas"` then runs `row_stats.kernel_stats` /
-    `kernel_soft_stats` with `xla=True`, through the same wrapper and custom derivatives
-    as the kernels. CI runs it on CPU, where the default itself takes the two reads."""
+    `one_read`: a third run for the plain losses' suites, "one-read": the kernel's
+    place taken by XLA's one-read variadic reduction (`jaxent._one_read`, what the
+    default takes off CUDA and CPU) — inside `kernel_mode`, `implementation="pallas"`
+    then runs `row_stats.kernel_stats` / `kernel_soft_stats` with `xla=True`, through
+    the same wrapper and custom derivatives as the kernels."""
     import functools
 
     import pytest
 
-    from jaxent.pallas import row_stats
+    if one_read:
+        per_platform = {**per_platform, "one-read": per_platform["gpu"]}
 
-    per_platform = {**PLATFORM_TILES, "one-read": PLATFORM_TILES["gpu"]}
-
-    @pytest.fixture(autouse=True, params=sorted(per_platform))
+    @pytest.fixture(autouse=autouse, params=sorted(per_platform))
     def _platform(request, monkeypatch):
-        if jax.default_backend() not in ("cpu", request.param):
-            pytest.skip(f"the {request.param} path runs in CI; here the {jax.default_backend()}'s")
+        backend = jax.default_backend()
+        if backend not in ("cpu", request.param):
+            pytest.skip(f"the {request.param} path runs in CI; here the {backend}'s")
         tiles.clear()
         tiles.update(per_platform[request.param])
         if request.param == "one-read":
+            from jaxent.pallas import row_stats
+
             for name in ("kernel_stats", "kernel_soft_stats"):
                 fn = getattr(row_stats, name)
                 monkeypatch.setattr(row_stats, name, functools.partial(fn, xla=True))

@@ -8,7 +8,7 @@ crosses tiles and ends in a ragged tile and a ragged block of rows (`kernel_mode
 a GPU the same tiles compiled). Every test runs three times: through the GPU kernel,
 with `platform="tpu"` through the TPU kernel (whose smallest blocks, 8 x 128, hold these
 classes whole; `test_row_stats.py` crosses them), and through XLA's one-read reduction
-in the kernel's place (`kernels.one_read_too`).
+in the kernel's place (`kernels.each_platform`).
 """
 
 import jax
@@ -20,11 +20,11 @@ from jax.sharding import PartitionSpec as P
 import jaxent
 
 from .. import oracles
-from ..kernels import kernel_mode, one_read_too
+from ..kernels import each_platform, kernel_mode
 
 F32 = jnp.float32
-TILES = {}  # this test's kernel_mode arguments (`one_read_too` sets them)
-_platform = one_read_too(TILES)
+TILES = {}  # this test's kernel_mode arguments (`each_platform` sets them)
+_platform = each_platform(TILES, one_read=True)
 
 
 def make(seed, shape, c, dtype=F32, scale=3.0):

@@ -11,11 +11,11 @@ import pytest
 import jaxent
 
 from .. import oracles
-from ..kernels import kernel_mode, one_read_too
+from ..kernels import each_platform, kernel_mode
 
 F32 = jnp.float32
-TILES = {}  # this test's kernel_mode arguments (`one_read_too` sets them)
-_platform = one_read_too(TILES)
+TILES = {}  # this test's kernel_mode arguments (`each_platform` sets them)
+_platform = each_platform(TILES, one_read=True)
 
 
 def make(seed, n, c, dtype=F32):
