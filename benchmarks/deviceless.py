@@ -76,26 +76,42 @@ TARGETS = {
 }
 
 
+# TPU slices of eight chips, for the sharding suite's meshes (a GPU target takes any
+# number of devices in one host).
+TPU_EIGHT = {"v5p": "v5p:2x2x2"}
+EIGHT_DEVICES = ("h100", *TPU_EIGHT)
+
+
+@contextlib.contextmanager
+def target_devices(target: str = "h100", count: int = 1):
+    """Within: `count` shape-only devices of `target` (a TPU: 1, or 8 for those of
+    `TPU_EIGHT`) that programs compile for, and jaxent decides as on that backend. Must
+    run before any JAX backend starts."""
+    from jax._src import xla_bridge
+    from jax.experimental import topologies
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("target_devices() must run before JAX starts a backend")
+    jax.config.update("jax_platforms", "cpu")  # the plugin then only compiles
+    platform, backend, description = TARGETS[target]
+    if platform == "tpu":
+        name = description if count == 1 else TPU_EIGHT[target]
+        topology = topologies.get_topology_desc(name, platform="tpu")
+    else:
+        topology = topologies.get_topology_desc(
+            platform=platform, target_config=description, topology=f"1x1x{count}"
+        )
+    with mock.patch.object(jax, "default_backend", return_value=backend):
+        yield topology.devices[:count]
+
+
 @contextlib.contextmanager
 def compile_only(target: str = "h100"):
     """Within: shape-only inputs placed with the yielded sharding compile for `target`
     (one device of it), and jaxent decides as on that backend. Must run before any JAX
     backend starts."""
-    from jax._src import xla_bridge
-    from jax.experimental import topologies
-
-    if xla_bridge.backends_are_initialized():
-        raise RuntimeError("compile_only() must run before JAX starts a backend")
-    jax.config.update("jax_platforms", "cpu")  # the plugin then only compiles
-    platform, backend, description = TARGETS[target]
-    if platform == "tpu":
-        topology = topologies.get_topology_desc(description, platform="tpu")
-    else:
-        topology = topologies.get_topology_desc(
-            platform=platform, target_config=description, topology="1x1x1"
-        )
-    mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ("d",))
-    with mock.patch.object(jax, "default_backend", return_value=backend):
+    with target_devices(target) as devices:
+        mesh = jax.sharding.Mesh(np.array(devices), ("d",))
         yield jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 

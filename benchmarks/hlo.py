@@ -29,6 +29,8 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$"
 _CALLS = re.compile(r"(?:body|condition|calls|to_apply|branch_computations|true_computation|"
                     r"false_computation)=(?:\{([^}]*)\}|%?([\w.\-]+))")  # fmt: skip
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_OPERANDS = re.compile(r"%([\w.\-]+)")
 _GROUPS_LISTED = re.compile(r"replica_groups=\{\{([\d,]*)\}")  # {{0,1},{2,3}}
 _GROUPS_IOTA = re.compile(r"replica_groups=\[[\d,]*?(\d+)\]<=")  # [4,2]<=[8]
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")  # mesh['a'=2] {'a'}
@@ -79,6 +81,25 @@ def _parse(hlo: str):
     return comps, entry
 
 
+def _trip_count(comps, rest: str) -> int:
+    """Iterations of a `while` (its text after the opcode): XLA's known_trip_count when
+    the HLO states it (GPU and CPU do); else read off its condition when that is
+    `i < K` for a constant K, as JAX's scan and fori_loop compile to, counting from 0
+    (TPU's compiled HLO states no trip count); else 1, which can only under-count."""
+    found = _TRIP.search(rest)
+    if found:
+        return int(found.group(1))
+    cond = _CONDITION.search(rest)
+    insts = comps.get(cond.group(1), []) if cond else []
+    constants = {name: r.split(")", 1)[0] for name, _, op, r in insts if op == "constant"}
+    for _, _, opcode, r in insts:
+        if opcode == "compare" and "direction=LT" in r:
+            bound = [constants.get(o) for o in _OPERANDS.findall(r.split(")", 1)[0])]
+            if len(bound) == 2 and bound[0] is None and (bound[1] or "").isdigit():
+                return int(bound[1])
+    return 1
+
+
 def _multiplicities(comps, entry) -> dict:
     """How many times each computation runs per call: while bodies run trip-count times;
     every other called computation (fusions, branches, reducers) as often as its caller.
@@ -86,8 +107,7 @@ def _multiplicities(comps, entry) -> dict:
     callers = {}  # callee -> [(caller, times per caller run)]
     for comp, insts in comps.items():
         for _, _, opcode, rest in insts:
-            found = _TRIP.search(rest) if opcode == "while" else None
-            trip = int(found.group(1)) if found else 1
+            trip = _trip_count(comps, rest) if opcode == "while" else 1
             for listed, single in _CALLS.findall(rest):
                 for callee in (c.strip().lstrip("%") for c in (listed or single).split(",")):
                     callers.setdefault(callee, []).append((comp, trip))
@@ -115,7 +135,7 @@ def collectives(hlo: str) -> list[Collective]:
             kind = opcode.removesuffix("-start")
             if kind not in KINDS or group_size(rest) == 1:  # groups of one move nothing
                 continue
-            operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+            operands = _OPERANDS.findall(rest.split(")", 1)[0])
             size = max(shape_bytes(typ), sum(shape_bytes(types.get(o, "")) for o in operands))
             found.append(Collective(kind, size, runs.get(comp, 1), typ, group_size(rest)))
     return found

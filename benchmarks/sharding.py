@@ -19,6 +19,14 @@ as buffer sizes and as what ring algorithms send:
 Needs 8 devices, so XLA_FLAGS must hold --xla_force_host_platform_device_count=8 before
 JAX starts; `python -m benchmarks --suite sharding` runs this module in a subprocess
 with the flag set. Writes sharding.json and sharding.md.
+
+    python -m benchmarks.sharding --target h100 [--quick] [--out DIR]   # jax[cuda12]
+    python -m benchmarks.sharding --target v5p [--quick] [--out DIR]    # jax[tpu]
+
+compiles the same steps for eight H100s in one host, or a v5p slice of 2x2x2 chips,
+without them (`benchmarks.deviceless`): their compilers partition and schedule the
+collectives differently from XLA:CPU (they move an all-reduce that accumulates into a
+loop's carry out of the loop), which is what matters with Auto axes.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxent
 
-from . import hlo
+from . import deviceless, hlo
 
 AXES = ("batch", "vocab")
 MESHES = [(2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (1, 8), (2, 4)]
@@ -92,8 +100,12 @@ def linear_case(n, d, v):
     )
 
 
-def _mesh(shape, kind=AxisType.Auto):
-    return jax.make_mesh(shape, AXES, axis_types=(kind, kind))
+def _mesh(shape, kind=AxisType.Auto, devices=None):
+    """A batch x vocab mesh over the first devices (of `devices`, default JAX's)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh(
+        shape, AXES, axis_types=(kind, kind), devices=devices[: shape[0] * shape[1]]
+    )
 
 
 def _abstract(case, mesh):
@@ -125,17 +137,17 @@ def routes(case) -> dict:
     return found
 
 
-def step_collectives(case, mesh_shape, route):
+def step_collectives(case, mesh_shape, route, devices=None):
     """Collectives of the compiled forward + backward step of one route."""
     kind, loss, manual = routes(case)[route]
-    mesh = _mesh(mesh_shape, kind)
+    mesh = _mesh(mesh_shape, kind, devices)
     if manual:
         loss = jax.shard_map(loss, mesh=mesh, in_specs=_specs(case), out_specs=P())
     step = jax.jit(jax.value_and_grad(loss, argnums=case["argnums"]))
     return hlo.collectives(step.lower(*_abstract(case, mesh)).compile().as_text())
 
 
-def run(quick: bool) -> list[dict]:
+def run(quick: bool, devices=None) -> list[dict]:
     size = "quick" if quick else "full"
     cases = [plain_case(*PLAIN[size]), linear_case(*LINEAR[size])]
     rows = []
@@ -144,7 +156,7 @@ def run(quick: bool) -> list[dict]:
             names = ["baseline"] + [r for r in routes(case) if r != "baseline"]
             base = None
             for route in names:
-                found = step_collectives(case, mesh_shape, route)
+                found = step_collectives(case, mesh_shape, route, devices)
                 moved, wire = hlo.total_bytes(found), hlo.wire_bytes(found)
                 base = moved if route == "baseline" else base
                 rows.append({
@@ -191,21 +203,31 @@ def markdown(rows, env) -> str:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sharding", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small shapes, three meshes")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu")
+    p.add_argument("--target", choices=["cpu", *deviceless.EIGHT_DEVICES], default="cpu",
+                   help="compile for 8 of these devices without them (default: 8 "
+                        "simulated CPU devices)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if jax.device_count() < 8:
-        raise SystemExit(
-            "benchmarks.sharding needs 8 devices: set XLA_FLAGS="
-            "--xla_force_host_platform_device_count=8 before starting Python, or run "
-            "`python -m benchmarks --suite sharding`, which does."
-        )
-    rows = run(args.quick)
-    device = jax.devices()[0]
-    env = {
-        "device": f"{jax.device_count()} x {device.platform}: {device.device_kind} (simulated)",
-        "jax": jax.__version__,
-        "command": "python -m benchmarks --suite sharding" + (" --quick" if args.quick else ""),
-    }
+    quick = " --quick" if args.quick else ""
+    if args.target == "cpu":
+        if jax.device_count() < 8:
+            raise SystemExit(
+                "benchmarks.sharding needs 8 devices: set XLA_FLAGS="
+                "--xla_force_host_platform_device_count=8 before starting Python, or run "
+                "`python -m benchmarks --suite sharding`, which does."
+            )
+        rows = run(args.quick)
+        device = jax.devices()[0]
+        label = f"{jax.device_count()} x {device.platform}: {device.device_kind} (simulated)"
+        command = "python -m benchmarks --suite sharding" + quick
+    else:
+        with deviceless.target_devices(args.target, 8) as devices:
+            rows = run(args.quick, devices)
+        label = f"8 x {devices[0].device_kind} (compile only, deviceless)"
+        command = f"python -m benchmarks.sharding --target {args.target}" + quick
+    env = {"device": label, "jax": jax.__version__, "command": command}
+    folder = "cpu" if args.target == "cpu" else f"{args.target}-deviceless"
+    args.out = args.out or Path(__file__).parent / "results" / folder
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sharding.json").write_text(json.dumps({"environment": env, "results": rows}))
     (args.out / "sharding.md").write_text(markdown(rows, env))

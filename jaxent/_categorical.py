@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _checks
 from ._reduce import global_sum, reduce_loss, safe_divide
-from ._sharding import CLASSES, LOGITS, POSITIONS, WHERE, manual_if_explicit
+from ._sharding import CLASSES, LOGITS, POSITIONS, WHERE, manual_if_explicit, xla_partitions
 from ._stable import Rows, categorical_rows, soft_rows
 from .pallas import choose, stats_for
 
@@ -296,7 +296,7 @@ def cross_entropy(
         z_loss_static=opts["z_loss"][0],
         vocab_axis_name=opts["vocab_axis_name"],
         batch_axis_name=opts["batch_axis_name"],
-        kernel=choose(opts["implementation"], opts["logits"].dtype),
+        kernel=choose(opts["implementation"], opts["logits"].dtype, xla_partitions(opts["logits"])),
     )
 
 
@@ -405,5 +405,5 @@ def soft_cross_entropy(
         z_loss_static=opts["z_loss"][0],
         vocab_axis_name=opts["vocab_axis_name"],
         batch_axis_name=opts["batch_axis_name"],
-        kernel=choose(opts["implementation"], opts["logits"].dtype),
+        kernel=choose(opts["implementation"], opts["logits"].dtype, xla_partitions(opts["logits"])),
     )

@@ -45,6 +45,24 @@ def explicit_spec(a) -> tuple | None:
     return spec if used and used <= explicit else None
 
 
+def xla_partitions(a) -> bool:
+    """Whether XLA's partitioner may split a computation on `a` over devices: `a`'s
+    type, or the mesh of a `jax.set_mesh` context, has an Auto axis of more than one
+    device. A Pallas kernel has no partitioning rule, so XLA would gather its operands
+    whole onto every device: such calls take an XLA path instead. False on one device,
+    inside `shard_map` over every axis (Manual axes), and for Explicit axes, which the
+    losses run under `shard_map` themselves. Not seen: `jax.jit(in_shardings=...)` on
+    arrays placed on no mesh, whose types name none (the README says what to do)."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    meshes = (getattr(sharding, "mesh", None), jax.sharding.get_abstract_mesh())
+    return any(
+        t == AxisType.Auto and size > 1
+        for mesh in meshes
+        if mesh is not None and mesh.axis_names
+        for size, t in zip(mesh.axis_sizes, mesh.axis_types, strict=True)
+    )
+
+
 def axis_names(entries) -> tuple:
     """The mesh axis names in PartitionSpec entries, flattened, in order."""
     names = []

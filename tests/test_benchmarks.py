@@ -72,6 +72,27 @@ def test_hlo_collectives_bytes_counts_and_trivial_groups():
     assert hlo.wire_bytes(list(found.values())) == ring
 
 
+def test_hlo_trip_count_from_the_loop_condition():
+    """TPU's compiled HLO states no known_trip_count: `i < K` in the condition gives it,
+    and a condition of any other form counts the body once."""
+    from benchmarks import hlo
+
+    cond = """%cond (p: (s32[], f32[64])) -> pred[] {
+  %k = s32[]{:T(128)} constant(7)
+  %p = (s32[], f32[64]{0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %k), direction=LT
+}"""
+    old_cond = HLO[HLO.index("%cond") : HLO.index("ENTRY")].strip()
+    text = HLO.replace("{{TRIP}}", "{}").replace(old_cond, cond)
+    gather = [c for c in hlo.collectives(text) if c.kind == "all-gather"]
+    assert [c.count for c in gather] == [7]
+    unknown = HLO.replace("{{TRIP}}", "{}")  # condition `constant(true)`: not `i < K`
+    assert [c.count for c in hlo.collectives(unknown) if c.kind == "all-gather"] == [1]
+    greater = text.replace("direction=LT", "direction=GT")
+    assert [c.count for c in hlo.collectives(greater) if c.kind == "all-gather"] == [1]
+
+
 def test_sharding_suite_measures_the_gathered_logits():
     """One case of `--suite sharding`: the baseline all-gathers the logits (and
     reduce-scatters their gradient); jaxent's vocabulary-parallel loss moves O(N)."""

@@ -12,6 +12,7 @@ import pytest
 from jax import export
 
 import jaxent
+from benchmarks import hlo
 from jaxent._one_read import online_reduce
 
 from . import oracles
@@ -130,3 +131,50 @@ def test_default_reads_the_logits_once_off_cpu_and_cuda(loss):
     assert len(tpu) == 1 and "), (" in tpu[0], tpu  # (operand init: ...), (operand init: ...)
     assert not any("maximum" in line for line in tpu)
     assert any("stablehlo.maximum" in line for line in cpu) and not any("), (" in x for x in cpu)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (CI simulates 8 CPUs)")
+@pytest.mark.parametrize("mesh_shape", [(1, 8), (2, 4)])
+def test_xla_partitions_the_one_read_reduction_exactly(mesh_shape):
+    """Where XLA partitions a loss over Auto mesh axes, CUDA takes this reduction
+    instead of the kernel (`_sharding.xla_partitions`): split over classes it reduces
+    each device's block and then combines the partial results with the same online
+    log-sum-exp combiner. The loss, aux and gradient equal the unsplit call's."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from jaxent import _stable
+    from jaxent.pallas.row_stats import kernel_stats
+
+    n, c = 16, 1024
+    x = jnp.asarray(edge_logits(n, c, seed=5))
+    x = x.at[2, c - 1].set(0.0).at[5, 0].set(0.0)  # finite rows: compare the gradient too
+    labels = (jnp.arange(n) * 97) % c
+    w = jax.random.uniform(jax.random.PRNGKey(6), (c,), F32, 0.2, 2.0)
+    opts = dict(class_weights=w, label_smoothing=0.1, z_loss=1e-3, softcap=30.0)
+    one = functools.partial(kernel_stats, xla=True)
+
+    @jax.jit
+    def step(x, labels, w):
+        def loss(x):
+            rows = _stable.categorical_rows(x, labels, stats=one, **dict(opts, class_weights=w))
+            kept = jnp.isfinite(rows.loss)
+            return jnp.sum(jnp.where(kept, rows.loss, 0)), rows
+
+        return jax.value_and_grad(loss, has_aux=True)(x)
+
+    (want, want_rows), want_grad = step(x, labels, w)
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh(mesh_shape, ("batch", "vocab"), axis_types=(auto, auto))
+    placed = [
+        jax.device_put(a, NamedSharding(mesh, spec))
+        for a, spec in ((x, P("batch", "vocab")), (labels, P("batch")), (w, P("vocab")))
+    ]
+    (got, got_rows), got_grad = step(*placed)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for field in ("loss", "lse", "correct"):
+        np.testing.assert_allclose(getattr(got_rows, field), getattr(want_rows, field), rtol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+    # Per-position partial results cross devices, never the logits.
+    found = hlo.collectives(step.lower(*placed).compile().as_text())
+    assert found and all(c.bytes <= 64 * n for c in found), found

@@ -352,3 +352,47 @@ def test_dropped_rows_holding_nan_or_inf_get_zero_gradient_on_a_vocabulary_split
     dropped = jnp.array([0, 3])
     assert (want[dropped] == 0).all() and (got[dropped] == 0).all()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_xla_partitions_reads_auto_axes_off_the_types_and_the_context_mesh():
+    """Where XLA's partitioner splits a loss (Auto axes of more than one device, from the
+    array's type or a `jax.set_mesh` context) the default takes no Pallas kernel; one
+    device, Explicit axes and shard_map's Manual axes keep it."""
+    from jax.sharding import AxisType, NamedSharding
+
+    from jaxent._sharding import xla_partitions
+
+    x = jnp.ones((8, 16), F32)
+    auto = mesh((2, 4))
+
+    def seen(a):  # inside jit, from the traced type
+        found = []
+        jax.jit(lambda a: found.append(xla_partitions(a)) or a.sum())(a)
+        return found[0]
+
+    def placed(m, spec):
+        return jax.device_put(x, NamedSharding(m, spec))
+
+    assert not xla_partitions(x) and not seen(x)
+    assert xla_partitions(placed(auto, LOGITS)) and seen(placed(auto, LOGITS))
+    assert seen(placed(auto, P()))  # replicated on the mesh: XLA still partitions
+    one = jax.make_mesh((1, 1), ("batch", "vocab"), axis_types=(AxisType.Auto,) * 2)
+    assert not seen(placed(one, LOGITS))
+    assert not seen(placed(mesh((2, 4), explicit=True), LOGITS))
+    with jax.set_mesh(auto):
+        assert seen(x)
+
+    def manual(*names):
+        found = []
+
+        def body(a):
+            found.append(xla_partitions(a))
+            return a
+
+        spec = P(*names)
+        run = jax.shard_map(body, mesh=auto, in_specs=spec, out_specs=spec, axis_names=set(names))
+        jax.jit(run)(placed(auto, LOGITS))
+        return found[0]
+
+    assert not manual("batch", "vocab")
+    assert manual("batch")  # "vocab" stays Auto, over 4 devices

@@ -16,7 +16,10 @@ Which path a call takes (`choose`), for `implementation=`:
   reads; on any other platform (TPU) XLA's one-read variadic reduction
   (`jaxent._one_read`, run through the kernel's wrapper: `row_stats.Config.xla`) —
   decided at lowering by `lax.platform_dependent`, so exporting for CUDA from a CPU
-  host gets the kernel; XLA's two reads for float64 logits. The TPU kernel stays
+  host gets the kernel; XLA's two reads for float64 logits. Where XLA partitions the
+  call over devices (Auto mesh axes, `_sharding.xla_partitions`), CUDA takes the
+  one-read reduction too: XLA splits a reduction like any other op, but it has no rule
+  for a Pallas call and would gather the logits onto every device to run it. The TPU kernel stays
   opt-in until a TPU timing shows it ahead: compiled for a v5p it moves what the
   one-read reduction moves (3 logits-sized passes), and it has never run on one.
 
@@ -50,7 +53,8 @@ else:
 class Kernel(NamedTuple):
     """The static kernel choice of one call (part of the jit cache key).
 
-    auto: pick by platform at lowering (`row_stats.on_cuda`);
+    auto: pick by platform at lowering (`row_stats.on_cuda`); partitioned: XLA
+    partitions the call, so no kernel on any platform (auto only);
     interpret: run in the Pallas interpreter; block_rows / block_classes: tile
     overrides (None: `row_stats.tile_sizes`, `fused_head.tile_sizes`,
     `row_stats_tpu.tile_sizes`); block_depth: the hidden size per step of the
@@ -63,6 +67,7 @@ class Kernel(NamedTuple):
     block_classes: int | None = None
     block_depth: int | None = None
     mosaic: bool = False  # the TPU kernel (Mosaic) instead of the GPU one (Triton)
+    partitioned: bool = False
 
 
 _INTERPRET: contextvars.ContextVar[Kernel | None] = contextvars.ContextVar(
@@ -150,8 +155,9 @@ def _why_not(dtype, interpret: bool) -> str | None:
     return None
 
 
-def choose(implementation: str | None, dtype) -> Kernel | None:
+def choose(implementation: str | None, dtype, partitioned: bool = False) -> Kernel | None:
     """The kernel a call with `implementation` and logits of `dtype` takes; None: XLA.
+    `partitioned`: XLA partitions the call over devices (`_sharding.xla_partitions`).
 
     Runs at the Python level, before the jit-compiled core; `implementation` was
     validated by `_checks.check_implementation`.
@@ -167,7 +173,7 @@ def choose(implementation: str | None, dtype) -> Kernel | None:
         return mode or Kernel(mosaic=jax.default_backend() == "tpu")
     if UNAVAILABLE is not None or dtype == jnp.float64:
         return None
-    return mode if interpret else (mode or Kernel())._replace(auto=True)
+    return mode if interpret else (mode or Kernel())._replace(auto=True, partitioned=partitioned)
 
 
 def stats_for(kernel: Kernel | None, soft: bool = False):
@@ -179,7 +185,9 @@ def stats_for(kernel: Kernel | None, soft: bool = False):
         return _stable.soft_stats if soft else _stable.logit_stats
     from . import row_stats
 
-    if kernel.auto:
+    if kernel.partitioned:
+        fn = row_stats.partitioned_soft_stats if soft else row_stats.partitioned_stats
+    elif kernel.auto:
         fn = row_stats.platform_soft_stats if soft else row_stats.platform_stats
     else:
         fn = row_stats.kernel_soft_stats if soft else row_stats.kernel_stats

@@ -351,20 +351,21 @@ def kernel_soft_stats(logits, targets, offset, class_weights, logit_mask, *, sof
     return unstacked(fields, sums), *rest
 
 
-def on_cuda(kernel_fn, xla_fn):
+def on_cuda(kernel_fn, xla_fn, kernel: bool = True):
     """`kernel_fn` where the computation is lowered for CUDA, `xla_fn` (two reads of the
     logits) on CPU, and `kernel_fn` with `xla=True` (XLA's one-read reduction, through
-    the kernel's custom derivatives) on every other platform; chosen at lowering, so
-    one traced function serves all. Each takes the positional arguments of the stats
-    functions above and their keyword options."""
+    the kernel's custom derivatives) on every other platform — and on CUDA too when not
+    `kernel`; chosen at lowering, so one traced function serves all. Each takes the
+    positional arguments of the stats functions above and their keyword options."""
 
     def run(*args, softcap, smoothing, with_argmax, **kernel_options):
         options = dict(softcap=softcap, smoothing=smoothing, with_argmax=with_argmax)
+        one_read = functools.partial(kernel_fn, **options, xla=True)
         return lax.platform_dependent(
             *args,
-            cuda=functools.partial(kernel_fn, **options, **kernel_options),
+            cuda=functools.partial(kernel_fn, **options, **kernel_options) if kernel else one_read,
             cpu=functools.partial(xla_fn, **options),
-            default=functools.partial(kernel_fn, **options, xla=True),
+            default=one_read,
         )
 
     return run
@@ -372,3 +373,6 @@ def on_cuda(kernel_fn, xla_fn):
 
 platform_stats = on_cuda(kernel_stats, logit_stats)
 platform_soft_stats = on_cuda(kernel_soft_stats, soft_stats)
+# For calls XLA partitions over devices (`jaxent.pallas.choose`): no Pallas call.
+partitioned_stats = on_cuda(kernel_stats, logit_stats, kernel=False)
+partitioned_soft_stats = on_cuda(kernel_soft_stats, soft_stats, kernel=False)
