@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxent
 
-from . import deviceless, hlo
+from . import deviceless, hlo, timing
 
 AXES = ("batch", "vocab")
 MESHES = [(2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (1, 8), (2, 4)]
@@ -137,14 +137,19 @@ def routes(case) -> dict:
     return found
 
 
-def step_collectives(case, mesh_shape, route, devices=None):
-    """Collectives of the compiled forward + backward step of one route."""
+def compiled_step(case, mesh_shape, route, devices=None):
+    """The compiled forward + backward step of one route."""
     kind, loss, manual = routes(case)[route]
     mesh = _mesh(mesh_shape, kind, devices)
     if manual:
         loss = jax.shard_map(loss, mesh=mesh, in_specs=_specs(case), out_specs=P())
     step = jax.jit(jax.value_and_grad(loss, argnums=case["argnums"]))
-    return hlo.collectives(step.lower(*_abstract(case, mesh)).compile().as_text())
+    return step.lower(*_abstract(case, mesh)).compile()
+
+
+def step_collectives(case, mesh_shape, route, devices=None):
+    """Collectives of the compiled forward + backward step of one route."""
+    return hlo.collectives(compiled_step(case, mesh_shape, route, devices).as_text())
 
 
 def run(quick: bool, devices=None) -> list[dict]:
@@ -156,7 +161,8 @@ def run(quick: bool, devices=None) -> list[dict]:
             names = ["baseline"] + [r for r in routes(case) if r != "baseline"]
             base = None
             for route in names:
-                found = step_collectives(case, mesh_shape, route, devices)
+                step = compiled_step(case, mesh_shape, route, devices)
+                found = hlo.collectives(step.as_text())
                 moved, wire = hlo.total_bytes(found), hlo.wire_bytes(found)
                 base = moved if route == "baseline" else base
                 rows.append({
@@ -165,6 +171,7 @@ def run(quick: bool, devices=None) -> list[dict]:
                     "bytes": moved, "wire_bytes": wire,
                     "largest_all_gather": hlo.largest(found, "all-gather"),
                     "collectives": len(found), "vs_baseline": moved / base if base else None,
+                    "temp_bytes": timing.temp_bytes(step),
                 })  # fmt: skip
                 print(f"{case['loss']:22} {rows[-1]['mesh']:5} {route:22} {_size(moved):>10}")
     return rows
@@ -187,15 +194,17 @@ def markdown(rows, env) -> str:
         "per iteration. `baseline` all-gathers the logits (cross_entropy) or `w` "
         "(linear_cross_entropy) over the vocabulary axis and runs optax's loss on whole "
         'rows. float32, reduction "mean", default options and implementation unless the '
-        "route says. Mesh is batch x vocab.\n\n"
+        "route says. Mesh is batch x vocab. `temp` is the compiled temporary memory of "
+        "one device (`memory_analysis()`).\n\n"
     )
     cols = ["loss", "shape", "mesh", "route", "buffers", "sent (ring)", "vs baseline",
-            "largest all-gather"]  # fmt: skip
+            "largest all-gather", "temp"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ratio = "" if r["vs_baseline"] is None else f"{r['vs_baseline']:.3g}"
         cells = [r["loss"], r["shape"], r["mesh"], r["route"], _size(r["bytes"]),
-                 _size(r["wire_bytes"]), ratio, _size(r["largest_all_gather"])]  # fmt: skip
+                 _size(r["wire_bytes"]), ratio, _size(r["largest_all_gather"]),
+                 "" if r["temp_bytes"] is None else _size(r["temp_bytes"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 

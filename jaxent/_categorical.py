@@ -148,7 +148,8 @@ def _cross_entropy(
         softcap=softcap,
         vocab_axis_name=vocab_axis_name,
         with_argmax=return_aux,
-        stats=stats_for(kernel),
+        # Asked here, after manual_if_explicit: under its shard_map the axes are Manual.
+        stats=stats_for(kernel, partitioned=xla_partitions(logits, labels, where, class_weights)),
     )
     return finish(rows, reduction, return_aux, batch_axis_name)
 
@@ -296,7 +297,7 @@ def cross_entropy(
         z_loss_static=opts["z_loss"][0],
         vocab_axis_name=opts["vocab_axis_name"],
         batch_axis_name=opts["batch_axis_name"],
-        kernel=choose(opts["implementation"], opts["logits"].dtype, xla_partitions(opts["logits"])),
+        kernel=choose(opts["implementation"], opts["logits"].dtype),
     )
 
 
@@ -333,7 +334,9 @@ def _soft_cross_entropy(
         softcap=softcap,
         vocab_axis_name=vocab_axis_name,
         with_argmax=return_aux,
-        stats=stats_for(kernel, soft=True),
+        stats=stats_for(
+            kernel, soft=True, partitioned=xla_partitions(logits, targets, where, class_weights)
+        ),
     )
     return finish(rows, reduction, return_aux, batch_axis_name)
 
@@ -405,5 +408,5 @@ def soft_cross_entropy(
         z_loss_static=opts["z_loss"][0],
         vocab_axis_name=opts["vocab_axis_name"],
         batch_axis_name=opts["batch_axis_name"],
-        kernel=choose(opts["implementation"], opts["logits"].dtype, xla_partitions(opts["logits"])),
+        kernel=choose(opts["implementation"], opts["logits"].dtype),
     )

@@ -45,16 +45,18 @@ def explicit_spec(a) -> tuple | None:
     return spec if used and used <= explicit else None
 
 
-def xla_partitions(a) -> bool:
-    """Whether XLA's partitioner may split a computation on `a` over devices: `a`'s
-    type, or the mesh of a `jax.set_mesh` context, has an Auto axis of more than one
-    device. A Pallas kernel has no partitioning rule, so XLA would gather its operands
-    whole onto every device: such calls take an XLA path instead. False on one device,
-    inside `shard_map` over every axis (Manual axes), and for Explicit axes, which the
-    losses run under `shard_map` themselves. Not seen: `jax.jit(in_shardings=...)` on
-    arrays placed on no mesh, whose types name none (the README says what to do)."""
-    sharding = getattr(jax.typeof(a), "sharding", None)
-    meshes = (getattr(sharding, "mesh", None), jax.sharding.get_abstract_mesh())
+def xla_partitions(*arrays) -> bool:
+    """Whether XLA's partitioner may split a computation on `arrays` over devices: one
+    array's type, or the mesh of a `jax.set_mesh` context, has an Auto axis of more
+    than one device (None entries are skipped). A Pallas kernel has no partitioning
+    rule, so XLA would gather its operands whole onto every device: such calls take an
+    XLA path instead. Asked where a loss core runs, after `manual_if_explicit`: False
+    on one device, for Explicit axes (the core then runs under `shard_map`) and inside
+    `shard_map` over every axis (Manual axes). Not seen: `jax.jit(in_shardings=...)`
+    on arrays placed on no mesh, whose types name none (the README says what to do)."""
+    meshes = [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+              for a in arrays if a is not None]  # fmt: skip
+    meshes.append(jax.sharding.get_abstract_mesh())
     return any(
         t == AxisType.Auto and size > 1
         for mesh in meshes

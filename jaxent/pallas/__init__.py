@@ -53,8 +53,7 @@ else:
 class Kernel(NamedTuple):
     """The static kernel choice of one call (part of the jit cache key).
 
-    auto: pick by platform at lowering (`row_stats.on_cuda`); partitioned: XLA
-    partitions the call, so no kernel on any platform (auto only);
+    auto: pick by platform at lowering (`row_stats.on_cuda`);
     interpret: run in the Pallas interpreter; block_rows / block_classes: tile
     overrides (None: `row_stats.tile_sizes`, `fused_head.tile_sizes`,
     `row_stats_tpu.tile_sizes`); block_depth: the hidden size per step of the
@@ -67,7 +66,6 @@ class Kernel(NamedTuple):
     block_classes: int | None = None
     block_depth: int | None = None
     mosaic: bool = False  # the TPU kernel (Mosaic) instead of the GPU one (Triton)
-    partitioned: bool = False
 
 
 _INTERPRET: contextvars.ContextVar[Kernel | None] = contextvars.ContextVar(
@@ -155,9 +153,8 @@ def _why_not(dtype, interpret: bool) -> str | None:
     return None
 
 
-def choose(implementation: str | None, dtype, partitioned: bool = False) -> Kernel | None:
+def choose(implementation: str | None, dtype) -> Kernel | None:
     """The kernel a call with `implementation` and logits of `dtype` takes; None: XLA.
-    `partitioned`: XLA partitions the call over devices (`_sharding.xla_partitions`).
 
     Runs at the Python level, before the jit-compiled core; `implementation` was
     validated by `_checks.check_implementation`.
@@ -173,19 +170,21 @@ def choose(implementation: str | None, dtype, partitioned: bool = False) -> Kern
         return mode or Kernel(mosaic=jax.default_backend() == "tpu")
     if UNAVAILABLE is not None or dtype == jnp.float64:
         return None
-    return mode if interpret else (mode or Kernel())._replace(auto=True, partitioned=partitioned)
+    return mode if interpret else (mode or Kernel())._replace(auto=True)
 
 
-def stats_for(kernel: Kernel | None, soft: bool = False):
+def stats_for(kernel: Kernel | None, soft: bool = False, partitioned: bool = False):
     """The row-statistics function of a choice: `_stable.logit_stats`'s signature
-    (integer labels), or `_stable.soft_stats`'s with `soft` (probability targets)."""
+    (integer labels), or `_stable.soft_stats`'s with `soft` (probability targets).
+    `partitioned`: XLA partitions the call over devices (`_sharding.xla_partitions`,
+    asked where the loss core runs): the automatic choice then takes no Pallas call."""
     from .. import _stable
 
     if kernel is None:
         return _stable.soft_stats if soft else _stable.logit_stats
     from . import row_stats
 
-    if kernel.partitioned:
+    if kernel.auto and partitioned:
         fn = row_stats.partitioned_soft_stats if soft else row_stats.partitioned_stats
     elif kernel.auto:
         fn = row_stats.platform_soft_stats if soft else row_stats.platform_stats

@@ -186,3 +186,33 @@ def test_logits_xla_partitions_lower_without_the_kernel_for_cuda(layout):
 
     run = jax.shard_map(body, mesh=mesh, in_specs=(P("batch", "vocab"), P("batch")), out_specs=P())
     assert kernel_calls(lowered(jax.value_and_grad(run), "cuda", x, y)) == 1
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (CI simulates 8 CPUs)")
+def test_the_kernel_choice_reads_every_array_where_the_core_runs():
+    """Unplaced logits with targets or a mask split over Auto axes: XLA partitions the
+    call all the same, so no kernel. A mesh with an Explicit axis and an Auto one: the
+    loss runs itself under shard_map over both (Manual there), so the kernel stays."""
+    kinds = jax.sharding.AxisType
+    auto = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(kinds.Auto, kinds.Auto))
+    split = jax.sharding.NamedSharding(auto, P("batch", "vocab"))
+    x, y = spec((64, 1024), jnp.bfloat16), spec((64,), jnp.int32)
+    t = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split)
+    soft = lowered(lambda x, t: jaxent.soft_cross_entropy(x, t), "cuda", x, t)
+    assert kernel_calls(soft) == 0
+    mask = jax.ShapeDtypeStruct(x.shape, jnp.bool_, sharding=split)
+    masked = lowered(lambda x, y, m: jaxent.cross_entropy(x, y, where=m), "cuda", x, y, mask)
+    assert kernel_calls(masked) == 0
+    mixed = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(kinds.Explicit, kinds.Auto))
+
+    def on(mesh, layout, a):
+        return jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=jax.sharding.NamedSharding(mesh, layout)
+        )
+
+    assert (
+        kernel_calls(
+            lowered(loss_and_grad, "cuda", on(mixed, P("batch"), x), on(mixed, P("batch"), y))
+        )
+        == 1
+    )
