@@ -227,16 +227,21 @@ def tile_cases():
     return cases
 
 
-def traffic_cases():
+def traffic_cases(device=None):
     """(name, loss, arg shapes) of the plain losses: `benchmarks.plain`'s implementations
-    at its GPU shapes, and jaxent's with every option."""
+    at its GPU shapes (the sharded code path on a mesh of `device`, the target's), and
+    jaxent's with every option."""
     import jaxent
 
+    from .one_device import LOGITS, POSITIONS, on_one_device
     from .plain import IMPLEMENTATIONS
     from .shapes import PLAIN
 
     options = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
-    fns = {k: f for k, f in IMPLEMENTATIONS.items() if "sharded" not in k}
+    fns = dict(IMPLEMENTATIONS)
+    fns["jaxent sharded, 1 device"] = on_one_device(
+        jaxent.cross_entropy, (LOGITS, POSITIONS), device
+    )
     fns["jaxent, all options"] = lambda z, y: jaxent.cross_entropy(z, y, **options)
     fns["jaxent xla, all options"] = lambda z, y: jaxent.cross_entropy(
         z, y, implementation="xla", **options
@@ -359,7 +364,8 @@ def main(argv=None) -> None:
             ]  # fmt: skip
             for r in parts[part]:
                 print(f"{r['case']}: {'ok' if r['ok'] else r['error']}", flush=True)
-        rows = [] if "traffic" in skip else [traffic(*c, sharding) for c in traffic_cases()]
+        cases = traffic_cases(sharding.mesh.devices.flat[0])
+        rows = [] if "traffic" in skip else [traffic(*c, sharding) for c in cases]
         parts["traffic"] = [r for r in rows if r is not None]
         parts["head"] = [] if "head" in skip else [
             head_traffic(*case, sharding) for case in head_traffic_cases()

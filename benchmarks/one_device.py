@@ -17,8 +17,9 @@ AXES = ("batch", "vocab")
 LOGITS, POSITIONS, HIDDEN, TABLE = P("batch", "vocab"), P("batch"), P("batch", None), P("vocab")
 
 
-def on_one_device(loss, in_specs):
-    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), AXES)
+def on_one_device(loss, in_specs, device=None):
+    """`loss` under shard_map over a 1 x 1 mesh of `device` (default: JAX's first)."""
+    mesh = Mesh(np.array([device or jax.devices()[0]]).reshape(1, 1), AXES)
 
     def body(*arrays):
         return loss(*arrays, batch_axis_name="batch", vocab_axis_name="vocab")
