@@ -42,6 +42,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 # Published properties of an H100 SXM5 80GB (sm_90): 132 SMs, 228 KiB shared memory per
 # SM of which 227 KiB per block (opt-in), 50 MiB L2, 3.35 TB/s.
@@ -150,6 +151,24 @@ def kernel_cases(platform: str = "cuda"):
         ]  # fmt: skip
     cases.append(("cross_entropy float32, classifier N=65536 C=1000", pallas(jaxent.cross_entropy),
                   [((65536, 1000), jnp.float32), ((65536,), jnp.int32)], 1))  # fmt: skip
+    # Transforms a training step wraps the loss in: vmap over a leading axis (the kernel
+    # then runs with a batched grid), rematerialisation, and a scan over microbatches.
+    batched = [((4, n // 4, c), jnp.bfloat16), ((4, n // 4), jnp.int32)]
+    vmapped = jax.vmap(pallas(jaxent.cross_entropy))
+    remat = jax.checkpoint(lambda z, y: pallas(jaxent.cross_entropy)(z, y, **options))
+
+    def microbatches(z, y):
+        def step(total, zy):
+            return total + pallas(jaxent.cross_entropy)(*zy, reduction="sum"), None
+
+        return lax.scan(step, jnp.zeros((), jnp.float32), (z, y))[0]
+
+    cases += [
+        ("cross_entropy bfloat16 under vmap", lambda z, y: vmapped(z, y).sum(), batched, 1),
+        ("cross_entropy bfloat16, all options, under checkpoint", remat,
+         [((n, c), jnp.bfloat16), ((n,), jnp.int32)], 1),
+        ("cross_entropy bfloat16 in a scan over 4 microbatches", microbatches, batched, 1),
+    ]  # fmt: skip
 
     def head(**kw):
         return lambda x, w, y, b: jaxent.linear_cross_entropy(
