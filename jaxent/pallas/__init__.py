@@ -19,9 +19,10 @@ Which path a call takes (`choose`), for `implementation=`:
   host gets the kernel; XLA's two reads for float64 logits. Where XLA partitions the
   call over devices (Auto mesh axes, `_sharding.xla_partitions`), CUDA takes the
   one-read reduction too: XLA splits a reduction like any other op, but it has no rule
-  for a Pallas call and would gather the logits onto every device to run it. The TPU kernel stays
-  opt-in until a TPU timing shows it ahead: compiled for a v5p it moves what the
-  one-read reduction moves (3 logits-sized passes), and it has never run on one.
+  for a Pallas call and would gather the logits onto every device to run it. The TPU
+  kernel stays opt-in until a TPU timing shows it ahead: compiled for a v5p it moves
+  what the one-read reduction moves (3 logits-sized passes), and it has never run on
+  one.
 
 The GPU kernels lower with Triton (not Mosaic GPU, this jax's default GPU lowering):
 Triton has masked loads, so any class count and any number of rows run without

@@ -373,6 +373,6 @@ def on_cuda(kernel_fn, xla_fn, kernel: bool = True):
 
 platform_stats = on_cuda(kernel_stats, logit_stats)
 platform_soft_stats = on_cuda(kernel_soft_stats, soft_stats)
-# For calls XLA partitions over devices (`jaxent.pallas.choose`): no Pallas call.
+# For calls XLA partitions over devices (`jaxent.pallas.stats_for`): no Pallas call.
 partitioned_stats = on_cuda(kernel_stats, logit_stats, kernel=False)
 partitioned_soft_stats = on_cuda(kernel_soft_stats, soft_stats, kernel=False)
