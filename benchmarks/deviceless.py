@@ -21,7 +21,9 @@ What it measures, without the device:
 - memory: the compiled temp of `linear_cross_entropy`'s forward + backward at the LM
   heads in bfloat16 (`benchmarks.memory`'s table), as the target's compiler assigns it;
 - kernels: every Pallas kernel of jaxent for the target, with every option, compiles
-  (and each call's temp); on the GPU also the tiles of `python -m benchmarks.sweep`;
+  (and each call's temp); on the GPU also the tiles of `python -m benchmarks.sweep`,
+  and what each kernel's PTX says (`benchmarks.ptx`: warpgroup MMAs or not, access
+  widths), read from the PTX XLA is made to dump (`--xla_dump_to`, a temporary folder);
 - traffic: the logits-sized reads and writes of the plain losses (`hlo.passes`), and
   the block-sized ones of the fused head's loops, "lean" against "pallas"
   (`hlo.loop_passes`).
@@ -36,6 +38,8 @@ import argparse
 import contextlib
 import functools
 import json
+import os
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -43,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from . import ptx
 
 # Published properties of an H100 SXM5 80GB (sm_90): 132 SMs, 228 KiB shared memory per
 # SM of which 227 KiB per block (opt-in), 50 MiB L2, 3.35 TB/s.
@@ -200,12 +206,28 @@ def kernel_cases(platform: str = "cuda"):
 KERNEL_CALLS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
 
 
-def check(name, fn, shapes, kernels, sharding) -> dict:
+# The name of the programs whose PTX `main` has XLA dump (`--xla_dump_hlo_module_re`).
+PTX_PROBE = "kernel_case"
+
+
+def check(name, fn, shapes, kernels, sharding, ptx_dir=None) -> dict:
+    """Compile one case; with `ptx_dir` (where XLA dumps PTX) also read its kernels' PTX
+    (`benchmarks.ptx`) and empty the folder for the next case."""
     row = {"case": name, "shapes": [[list(s), jnp.dtype(d).name] for s, d in shapes]}
+
+    def probe(*args):
+        return fn(*args)
+
+    probe.__name__ = PTX_PROBE  # the module name: only these programs' PTX is dumped
     try:
-        exe = compiled(fn, shapes, sharding)
+        exe = compiled(probe, shapes, sharding)
     except Exception as err:  # a kernel that does not compile: recorded, not fatal
         return {**row, "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    finally:
+        if ptx_dir is not None:
+            row["ptx"] = ptx.read_dump(ptx_dir)
+            for path in ptx_dir.iterdir():
+                path.unlink()
     text = exe.as_text()
     found = sum(text.count(f'custom_call_target="{t}"') for t in KERNEL_CALLS)
     row.update(ok=found >= kernels, kernels=found,
@@ -328,17 +350,31 @@ def _table(caption: str, columns: list, rows: list) -> list[str]:
     return ["", caption, "", row(columns), "|" + "---|" * len(columns), *map(row, rows)]
 
 
+PTX_NOTE = (
+    "The PTX column reads each Pallas kernel's PTX for sm_90a (`benchmarks.ptx`):"
+    " its matrix instructions (Hopper's warpgroup `wgmma`, Ampere's `mma.sync`, or"
+    " none: CUDA cores), the widest global load and store per thread, threads per"
+    " block (float32 dots take IEEE products on the CUDA cores on purpose)"
+)
+
+
 def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=(), head_rows=()) -> str:
     from . import memory
 
     lines = [memory.markdown(memory_rows, label) if memory_rows else f"Compiled for {label}."]
+    with_ptx = any("ptx" in r for r in kernel_rows + tile_rows)
     if kernel_rows or tile_rows:
-        header = "| case | compiles | Pallas kernels | temp MiB |\n|---|---|---|---|"
-        lines += ["", f"Kernels compiled for {label}:", "", header]
+        header = "| case | compiles | Pallas kernels | temp MiB |" + " PTX |" * with_ptx
+        lines += ["", f"Kernels compiled for {label}" + f". {PTX_NOTE}" * with_ptx + ":", "",
+                  header, "|---|---|---|---|" + "---|" * with_ptx]  # fmt: skip
     for r in kernel_rows + tile_rows:
         temp = f"{r['temp_bytes'] / 2**20:.0f}" if "temp_bytes" in r else ""
         status = "yes" if r["ok"] else f"no: {r['error'][:80]}"
-        lines.append(f"| {r['case']} | {status} | {r.get('kernels', '')} | {temp} |")
+        cells = [r["case"], status, r.get("kernels", ""), temp]
+        if with_ptx:
+            cells.append("<br>".join(f"{k.removeprefix('jaxent_')}: {ptx.describe(v)}"
+                                     for k, v in r.get("ptx", {}).items()))  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     if traffic_rows:
         caption = (f"Plain losses, forward + backward compiled for {label}: whole-logits "
                    "reads + writes (`benchmarks.hlo.passes`, arrays of the logits' shape in "
@@ -371,6 +407,12 @@ def main(argv=None) -> None:
 
     platform = TARGETS[args.target][0]
     skip = set(args.skip) | (set() if platform == "cuda" else {"tiles"})  # GPU sweeps
+    ptx_dir = None
+    if platform == "cuda" and not {"kernels", "tiles"} <= skip:
+        # XLA reads its flags when the first backend starts, which is below.
+        ptx_dir = Path(tempfile.mkdtemp(prefix="jaxent-ptx-"))
+        flags = f"--xla_dump_to={ptx_dir} --xla_dump_hlo_module_re=jit_{PTX_PROBE}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
     with compile_only(args.target) as sharding:
         label = (f"{args.target} (compile only, deviceless), jax {jax.__version__}, "
                  "bfloat16 unless stated")  # fmt: skip
@@ -379,7 +421,7 @@ def main(argv=None) -> None:
         for part, cases in (("kernels", functools.partial(kernel_cases, platform)),
                             ("tiles", tile_cases)):  # fmt: skip
             parts[part] = [] if part in skip else [
-                check(*case, sharding) for case in cases()
+                check(*case, sharding, ptx_dir) for case in cases()
             ]  # fmt: skip
             for r in parts[part]:
                 print(f"{r['case']}: {'ok' if r['ok'] else r['error']}", flush=True)

@@ -235,3 +235,49 @@ def test_hlo_loop_passes_counts_one_iteration_in_device_memory():
         "inner: negate v2: 1 read, 1 write",  # a loop in the loop: its own body, once
     ]
     assert total == 6 and moved == 32 * (4 + 4 + 2 + 2 + 4 + 4)
+
+
+# Two entries in the forms Triton writes for sm_90a (hand-written, shortened): a
+# warpgroup-MMA kernel fed by 16-byte cp.async copies, and a predicated 16-byte load.
+PTX = """
+.version 8.4
+.target sm_90a
+.visible .entry jaxent_dot(
+	.param .u64 jaxent_dot_param_0
+)
+.reqntid 256, 1, 1
+{
+	cp.async.cg.shared.global [ %r11 + 0 ], [ %rd14 + 0 ], 0x10, %r12;
+	cp.async.commit_group;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1, %f2}, %rd1, %rd2, %p1, 1, 1, 0, 1;
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1, %f2}, %rd3, %rd4, %p1, 1, 1, 0, 1;
+	mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f3}, {%r1}, {%r2}, {%f4};
+	st.global.v2.b32 [ %rd5 + 0 ], { %r3, %r4 };
+	ret;
+}
+.visible .entry loop_add_fusion(
+	.param .u64 loop_add_fusion_param_0
+)
+{
+	mov.u32 %r10, 0; @%p1 ld.global.L1::evict_last.v4.b32 {%r10, %r11, %r12, %r13}, [%rd12];
+	st.global.b16 [ %rd6 + 0 ], %rs1;
+	ret;
+}
+"""
+
+
+def test_ptx_reads_matrix_instructions_and_access_widths(tmp_path):
+    from benchmarks import ptx
+
+    found = ptx.kernels(PTX)
+    assert set(found) == {"jaxent_dot", "loop_add_fusion"}
+    dot = found["jaxent_dot"]
+    assert dot["mma"] == {"wgmma.mma_async m64n64k16": 2, "mma.sync m16n8k16": 1}
+    assert (dot["load_bytes"], dot["store_bytes"], dot["threads"]) == (16, 8, 256)
+    fusion = found["loop_add_fusion"]
+    assert fusion["mma"] == {} and fusion["threads"] is None
+    assert (fusion["load_bytes"], fusion["store_bytes"]) == (16, 2)
+    (tmp_path / "module.ptx").write_text(PTX)
+    assert list(ptx.read_dump(tmp_path)) == ["jaxent_dot"]  # XLA's own fusions left out
+    assert ptx.describe(dot) == ("mma.sync m16n8k16 ×1, wgmma.mma_async m64n64k16 ×2; "
+                                 "loads 16 B, stores 8 B; 256 threads")  # fmt: skip
