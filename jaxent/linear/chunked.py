@@ -7,8 +7,7 @@ per-position losses by `_stable.categorical_rows` (the same code as `cross_entro
 and discarded, so memory holds one sub-block of float32 logits, never (N, V).
 
 Why two sizes: the dw matmul of a block, dw += dlogits.T @ x_block, contracts over
-its B tokens and reads and writes the (V, D) float32 accumulator once per block (the
-first block's matmul only writes it: `_scan_first_apart`). With
+its B tokens and reads and writes the (V, D) float32 accumulator once per block. With
 few tokens per block that traffic rivals the matmul itself (at Gemma-2's head, V x D
 float32 is 2.4 GB, moved twice per block), so blocks want to be long (B ~ 2048); the
 float32 logits, 4 bytes per logit against the gradient's 2 in bfloat16, are what
@@ -245,19 +244,6 @@ def _zero_acc(st: Static, ops: Operands):
     return (varying_like(jnp.zeros(ops.w.shape, acc), refs), db, options), dx
 
 
-def _scan_first_apart(step, init, xs):
-    """`lax.scan(step, init, xs)` with the first step taken before the loop. There XLA
-    sees the zeros the first block's dw is added to and folds the sum away: the (V, D)
-    float32 accumulator is first written by that block's matmul, instead of filled with
-    zeros and read back by it (two passes over 2 GB at Llama-3's head, ~4% of the
-    three-matmul floor on an H100 by bandwidth)."""
-    carry, first = step(init, jax.tree.map(lambda a: a[0], xs))
-    if jax.tree.leaves(xs)[0].shape[0] == 1:  # one block: no loop to compile
-        return carry, jax.tree.map(lambda a: a[None], first)
-    carry, rest = lax.scan(step, carry, jax.tree.map(lambda a: a[1:], xs))
-    return carry, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
-
-
 def _param_cotangents(ops: Operands, dx, acc, scale=1.0):
     """Cotangents for every field of `Operands` (None for the non-differentiable ones)."""
     dw, db, (dls, dzl) = acc
@@ -290,7 +276,7 @@ def _token_sum_fwd(st: Static, ops: Operands):
     def step(carry, i):
         return _block_step(st, ops, carry, i)
 
-    (acc, dx), rows = _scan_first_apart(step, _zero_acc(st, ops), _indices(ops.x.shape[1]))
+    (acc, dx), rows = lax.scan(step, _zero_acc(st, ops), _indices(ops.x.shape[1]))
     return (jnp.sum(rows.loss), rows), (ops, dx, acc)
 
 
@@ -322,7 +308,7 @@ def _token_rows_bwd(st: Static, ops: Operands, cotangents: Rows):
         return _block_step(st, ops, carry, i, g)[0], None
 
     blocks = (_indices(ops.x.shape[1]), cotangents.loss)
-    (acc, dx), _ = _scan_first_apart(step, _zero_acc(st, ops), blocks)
+    (acc, dx), _ = lax.scan(step, _zero_acc(st, ops), blocks)
     return (_param_cotangents(ops, dx, acc),)
 
 
