@@ -131,8 +131,8 @@ def compiled(fn, shapes, sharding, argnums=0):
 
 def kernel_cases(platform: str = "cuda"):
     """(name, loss of shape-only args, arg shapes, kernels it must contain): the plain
-    losses' row-statistics kernel and the fused head's two kernels (Triton for "cuda",
-    Mosaic for "tpu")."""
+    losses' row-statistics kernel (also in `linear_cross_entropy`'s default) and the
+    fused head's two kernels (Triton for "cuda", Mosaic for "tpu")."""
     import jaxent
 
     n, c = 8192, 128256
@@ -192,6 +192,12 @@ def kernel_cases(platform: str = "cuda"):
                 (f"linear_cross_entropy pallas {tag}, all options, reduction=none",
                  lambda *a: every(*a).sum(), shapes, 2),
             ]  # fmt: skip
+        # The default ("chunked"): the plain losses' row-statistics kernel on each
+        # sub-block's float32 logits where the gradient is formed, on CUDA (on a TPU
+        # XLA's one-read reduction, as for the plain losses).
+        cases.append((f"linear_cross_entropy default {tag}, all options",
+                      lambda x, w, y, b: jaxent.linear_cross_entropy(x, w, y, bias=b, **options),
+                      shapes, int(platform == "cuda")))  # fmt: skip
         # bfloat16 (the last shapes): class weights, a logits-shaped mask and aux.
         extra = [((v,), jnp.float32), ((n, v), jnp.bool_)]
         cases.append((f"linear_cross_entropy pallas {tag}, class weights, where, aux",

@@ -13,12 +13,20 @@ from jax import lax
 from .. import _checks, pallas
 from .._categorical import aux_from_rows, finish, split_where
 from .._reduce import global_sum, stacked_sums, weighted_mean
-from .._sharding import CLASSES, HIDDEN, POSITIONS, TABLE, WHERE, manual_if_explicit
+from .._sharding import (
+    CLASSES,
+    HIDDEN,
+    POSITIONS,
+    TABLE,
+    WHERE,
+    manual_if_explicit,
+    xla_partitions,
+)
 from .._stable import kept_positions
 from ..pallas import fused_head
 from . import chunked, lean, mesh
 from .blocks import strided_blocks, unblock
-from .reference import linear_cross_entropy_xla
+from .reference import linear_cross_entropy_xla, logits_dtype
 
 IMPLEMENTATIONS = (None, "xla", "chunked", "lean", "pallas")
 
@@ -160,6 +168,7 @@ def _chunked(
     return_aux,
     batch_axis_name,
     block_size,
+    kernel=None,
 ):
     mesh.check_split_over(w, options["vocab_axis_name"], "chunked")
     lead = x.shape[:-1]
@@ -170,7 +179,13 @@ def _chunked(
     sub = sub or default_sub_block(block, vocab, itemsize=mm_itemsize)
     num_blocks = max(1, -(-n // block))  # an empty batch runs one all-padding block
     pmask = jnp.ones(lead, bool) if position_mask is None else position_mask
-    st = _static(options, return_aux, block // sub)
+    st = _static(options, return_aux, block // sub)._replace(
+        row_kernel=kernel,
+        # Asked here, after manual_if_explicit: under its shard_map the axes are Manual.
+        partitioned=xla_partitions(
+            x, w, labels, bias, logit_mask, position_mask, options["class_weights"]
+        ),
+    )
     ops = chunked.Operands(
         x=strided_blocks(x.reshape(n, x.shape[-1]), num_blocks, block),
         w=w,
@@ -367,7 +382,7 @@ def _linear_cross_entropy(
 
     def run(name):
         blocks = {"block_size": block_size} if name in ("chunked", "lean", "pallas") else {}
-        if name == "pallas":
+        if name in ("chunked", "pallas"):
             blocks["kernel"] = kernel
         return _IMPLS[name](x, w, labels, **kwargs, **blocks)
 
@@ -483,9 +498,12 @@ def linear_cross_entropy(
     zl_static, zl = _checks.check_scalar_option("z_loss", z_loss, low=0.0)
     # The kernel choice depends on context (`jaxent.pallas.interpret_mode`, `tiles`):
     # made here, outside jit, and passed as a static argument (part of the cache key).
-    kernel = None
-    if implementation == "pallas":
-        kernel = pallas.choose("pallas", jnp.result_type(x.dtype, w.dtype))  # or raises
+    if implementation == "pallas":  # the fused-head kernels' (or raises)
+        kernel = pallas.choose("pallas", jnp.result_type(x.dtype, w.dtype))
+    elif implementation in (None, "chunked"):  # the row statistics of its float32 logits
+        kernel = pallas.choose(None, logits_dtype(x, w))
+    else:
+        kernel = None
     return _linear_cross_entropy(
         x,
         w,

@@ -3,8 +3,10 @@
 The N tokens are cut into blocks of B (padded; padding is a dropped position), and
 each block into `sub_blocks` strided sub-blocks of S = B / sub_blocks tokens. For each
 sub-block the (S, V) float32 logits are formed with one matmul, turned into
-per-position losses by `_stable.categorical_rows` (the same code as `cross_entropy`),
-and discarded, so memory holds one sub-block of float32 logits, never (N, V).
+per-position losses by `_stable.categorical_rows` (the same code as `cross_entropy`,
+with the row statistics `cross_entropy` takes on the backend where the gradient is
+formed: `Static.row_kernel`, on a GPU the one-read Triton kernel), and discarded, so
+memory holds one sub-block of float32 logits, never (N, V).
 
 Why two sizes: the dw matmul of a block, dw += dlogits.T @ x_block, contracts over
 its B tokens and reads and writes the (V, D) float32 accumulator once per block. With
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._stable import Rows, categorical_rows, logit_stats
+from ..pallas import stats_for
 from .blocks import put_block, strided_blocks, take_block
 from .mesh import sum_to_primal_axes, varying_like
 from .reference import gradient_dtype, logits_dtype, project
@@ -53,6 +56,11 @@ class Static(NamedTuple):
     vocab_axis_name: object
     with_argmax: bool  # only for aux.accuracy
     sub_blocks: int = 1  # "chunked": strided sub-blocks per block of tokens
+    # "chunked": the row statistics of each sub-block's logits where their gradient is
+    # formed, as the plain losses choose them (`jaxent.pallas.stats_for`: on a GPU the
+    # one-read kernel, on a TPU XLA's one-read reduction, on a CPU two reads).
+    row_kernel: object = None  # `jaxent.pallas.choose`'s Kernel; None: two reads (XLA)
+    partitioned: bool = False  # `_sharding.xla_partitions` of the call
     fused: object = None  # "pallas": lean's scheme, these fused-head kernels' Config
     group: int = 1  # "lean": runs of classes kept together in its blocks (`blocks`)
 
@@ -92,7 +100,9 @@ def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask,
         softcap=st.softcap,
         vocab_axis_name=st.vocab_axis_name,
         with_argmax=st.with_argmax,
-        stats=functools.partial(logit_stats, one_pass_backward=one_pass_backward),
+        stats=stats_for(st.row_kernel, partitioned=st.partitioned)
+        if one_pass_backward
+        else functools.partial(logit_stats, one_pass_backward=False),
     )
 
 

@@ -216,3 +216,52 @@ def test_the_kernel_choice_reads_every_array_where_the_core_runs():
         )
         == 1
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_default_takes_the_row_kernel_for_its_float32_logits(reduction):
+    """`linear_cross_entropy`'s default ("chunked") forms each sub-block's float32
+    logits and their gradient; their row statistics come from the plain losses' Triton
+    kernel for CUDA, where the gradient is formed: once, in the loop body ("mean": the
+    forward; "none": the backward's recompute, its forward being XLA's, which
+    forward-mode derivatives need). Split over Auto mesh axes under `jax.jit`, XLA's
+    one-read reduction instead."""
+    n, d, v = 4096, 64, 32000
+    args = [spec((n, d), jnp.bfloat16), spec((v, d), jnp.bfloat16), spec((n,), jnp.int32)]
+
+    def fn(x, w, y):
+        def loss(x, w):
+            out = jaxent.linear_cross_entropy(x, w, y, block_size=(1024, 512), reduction=reduction)
+            return jnp.sum(out)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+    assert kernel_calls(lowered(fn, "cuda", *args)) == 1
+    if jax.device_count() >= 8:
+        auto = jax.sharding.AxisType.Auto
+        mesh = jax.make_mesh((8,), ("batch",), axis_types=(auto,))
+        split = jax.sharding.NamedSharding(mesh, P("batch"))
+        x = jax.ShapeDtypeStruct((n, d), jnp.bfloat16, sharding=split)
+        assert kernel_calls(lowered(fn, "cuda", x, *args[1:])) == 0
+    lean = functools.partial(jaxent.linear_cross_entropy, implementation="lean")
+    assert kernel_calls(lowered(jax.grad(lambda x, w, y: lean(x, w, y)), "cuda", *args)) == 0
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (CI simulates 8 CPUs)")
+def test_linear_default_takes_the_row_kernel_inside_shard_map():
+    """Vocabulary- and data-parallel under shard_map (check_vma=True, as compiled kernels
+    allow): each shard's sub-block statistics come from the kernel, typed as varying
+    like its logits, and the shards' exchange is unchanged."""
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(auto, auto))
+
+    def body(x, w, y):
+        return jaxent.linear_cross_entropy(
+            x, w, y, label_smoothing=0.1, vocab_axis_name="vocab", batch_axis_name="batch"
+        )
+
+    specs = (P("batch"), P("vocab"), P("batch"))
+    run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P())
+    fn = jax.value_and_grad(run, argnums=(0, 1))
+    args = [spec((512, 64), jnp.bfloat16), spec((4096, 64), jnp.bfloat16), spec((512,), jnp.int32)]
+    assert kernel_calls(lowered(fn, "cuda", *args)) == 1
