@@ -157,24 +157,25 @@ def _forward(st: Static, ops: Operands) -> Rows:
     return lax.scan(step, None, _indices(ops.x.shape[1]))[1]
 
 
-def _block_grads(st: Static, ops: Operands, block, cotangent=None):
-    """The logit gradient of one block, formed a sub-block at a time: of Σ_n l_n for
-    `token_sum` (cotangent None; the rows come back too), else of Σ_n g_n l_n with the
-    block's (B,) cotangents g.
+def _block_grads(st: Static, ops: Operands, block, dlogits, cotangent=None):
+    """The logit gradient of one block, formed a sub-block at a time into `dlogits`
+    (the previous block's buffer, (sub_blocks, S, V) in the matmul dtype, written over
+    in place: a buffer made per block would be filled with zeros first, a pass over
+    it): of Σ_n l_n for `token_sum` (cotangent None; the rows come back too), else of
+    Σ_n g_n l_n with the block's (B,) cotangents g.
 
-    Returns (rows in block order or None, dlogits (sub_blocks, S, V) in the matmul
-    dtype, x (sub_blocks, S, D), the bias gradient (V,) float32 or None, and the
-    gradients of the traced scalar options (ls, zl), each None when static): dlogits
-    and x keep their rows in sub-block order — the matmuls only need them to agree,
-    and merging the axes would interleave a split of S over devices (an all-gather).
+    Returns (rows in block order or None, dlogits, x (sub_blocks, S, D), the bias
+    gradient (V,) float32 or None, and the gradients of the traced scalar options (ls,
+    zl), each None when static): dlogits and x keep their rows in sub-block order — the
+    matmuls only need them to agree, and merging the axes would interleave a split of
+    S over devices (an all-gather).
     """
     subs = tuple(_split(st, a) for a in block)
     cts = _split(st, cotangent)
-    mm = jnp.result_type(ops.x.dtype, ops.w.dtype)
     acc = logits_dtype(ops.x, ops.w)
     options = _local_options(st, ops)
 
-    def step(carry, j):
+    def step(buffer, j):
         xs, labels, pmask, lmask = (take_block(a, j) for a in subs)
         logits = project(xs, ops.w, ops.bias)
 
@@ -192,9 +193,10 @@ def _block_grads(st: Static, ops: Operands, block, cotangent=None):
             rows, vjp = None, jax.vjp(lambda *a: rows_of(*a).loss, logits, *options)[1]
             dlogits, *d_options = vjp(take_block(cts, j).astype(logits.dtype))
         db = None if ops.bias is None else jnp.sum(dlogits, axis=0, dtype=acc)
-        return carry, (rows, dlogits.astype(gradient_dtype(mm)), db, tuple(d_options))
+        buffer = lax.dynamic_update_index_in_dim(buffer, dlogits.astype(buffer.dtype), j, 0)
+        return buffer, (rows, db, tuple(d_options))
 
-    rows, dlogits, db, d_options = lax.scan(step, None, _indices(st.sub_blocks))[1]
+    dlogits, (rows, db, d_options) = lax.scan(step, dlogits, _indices(st.sub_blocks))
     rows = None if rows is None else jax.tree.map(_in_block_order, rows)
     x = jnp.swapaxes(subs[0], 0, 1)  # (sub_blocks, S, D): the rows of dlogits
     db = None if db is None else jnp.sum(db, axis=0)
@@ -234,24 +236,29 @@ def _logit_grad_to_params(st: Static, ops: Operands, x, dlogits, db_block, acc):
 
 def _block_step(st: Static, ops: Operands, carry, i, cotangent=None):
     """One block of either backward: its gradients, dx written into its place."""
-    (dw, db_acc, options_acc), dx = carry
-    rows, dlogits, x, db, d_options = _block_grads(st, ops, _block(ops, i), cotangent)
+    (dw, db_acc, options_acc), dx, dlogits = carry
+    rows, dlogits, x, db, d_options = _block_grads(st, ops, _block(ops, i), dlogits, cotangent)
     dxb, (dw, db_acc) = _logit_grad_to_params(st, ops, x, dlogits, db, (dw, db_acc))
     options_acc = jax.tree.map(jnp.add, options_acc, d_options)
-    return ((dw, db_acc, options_acc), put_block(dx, _in_block_order(dxb), i)), rows
+    return ((dw, db_acc, options_acc), put_block(dx, _in_block_order(dxb), i), dlogits), rows
 
 
 def _zero_acc(st: Static, ops: Operands):
     """Float32 (float64 for a float64 x or w) accumulators for dw, dbias and the traced
-    scalar options (ls, zl; None when static), and the (B, nb, D) dx buffer in x's dtype
+    scalar options (ls, zl; None when static), the (B, nb, D) dx buffer in x's dtype
     that each block's dx is written into (summed over the vocabulary shards before, so
-    it does not vary over that axis)."""
+    it does not vary over that axis), and the buffer each block's logit gradient is
+    formed in, (sub_blocks, S, V) in the matmul dtype."""
     acc = logits_dtype(ops.x, ops.w)
     refs = jax.tree.leaves(ops)
     db = None if ops.bias is None else varying_like(jnp.zeros(ops.bias.shape, acc), refs)
     dx = varying_like(jnp.zeros(ops.x.shape, ops.x.dtype), refs, st.vocab_axis_name)
     options = jax.tree.map(jnp.zeros_like, _local_options(st, ops))
-    return (varying_like(jnp.zeros(ops.w.shape, acc), refs), db, options), dx
+    block = ops.x.shape[0]  # B positions per block (x is (B, nb, D))
+    shape = (st.sub_blocks, block // st.sub_blocks, ops.w.shape[0])
+    mm = gradient_dtype(jnp.result_type(ops.x.dtype, ops.w.dtype))
+    dlogits = varying_like(jnp.zeros(shape, mm), refs)
+    return (varying_like(jnp.zeros(ops.w.shape, acc), refs), db, options), dx, dlogits
 
 
 def _param_cotangents(ops: Operands, dx, acc, scale=1.0):
@@ -286,7 +293,7 @@ def _token_sum_fwd(st: Static, ops: Operands):
     def step(carry, i):
         return _block_step(st, ops, carry, i)
 
-    (acc, dx), rows = lax.scan(step, _zero_acc(st, ops), _indices(ops.x.shape[1]))
+    (acc, dx, _), rows = lax.scan(step, _zero_acc(st, ops), _indices(ops.x.shape[1]))
     return (jnp.sum(rows.loss), rows), (ops, dx, acc)
 
 
@@ -318,7 +325,7 @@ def _token_rows_bwd(st: Static, ops: Operands, cotangents: Rows):
         return _block_step(st, ops, carry, i, g)[0], None
 
     blocks = (_indices(ops.x.shape[1]), cotangents.loss)
-    (acc, dx), _ = lax.scan(step, _zero_acc(st, ops), blocks)
+    (acc, dx, _), _ = lax.scan(step, _zero_acc(st, ops), blocks)
     return (_param_cotangents(ops, dx, acc),)
 
 

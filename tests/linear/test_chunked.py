@@ -3,6 +3,8 @@
 D=256, V=32000, float32: the (N, V) logits alone are N * V * 4 bytes.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -87,6 +89,54 @@ def test_forward_only_does_no_gradient_work():
     # A forward pass holds no dw accumulator (V x D float32) and no per-block gradient.
     forward = temp_bytes("chunked", 8192, grad=False)
     assert forward + V * D * 4 <= temp_bytes("chunked", 8192)
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """A compiled module's computations by name (HLO text: blank-line separated)."""
+    found = {}
+    for block in hlo.split("\n\n"):
+        header = re.search(r"^(?:ENTRY )?%([\w.\-]+)", block.strip())
+        if header:
+            found[header.group(1)] = block
+    return found
+
+
+def _inside_loops(comps: dict[str, str]) -> set[str]:
+    """The computations a while loop's body runs, directly or through calls."""
+    called = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+    todo = [b for text in comps.values() for b in re.findall(r"body=%([\w.\-]+)", text)]
+    seen = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in comps:
+            seen.add(name)
+            todo += called.findall(comps[name])
+    return seen
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_fills_its_gradient_buffer_once_not_per_block(reduction):
+    """Each block's logit gradient is formed into the buffer the previous block used:
+    the zeros it starts from are written once, outside the loop over blocks (a buffer
+    made per block would be filled in every iteration, a pass over it)."""
+    n, d, v = 1024, 64, 1000
+
+    def loss(x, w, y):
+        rows = jaxent.linear_cross_entropy(
+            x, w, y, implementation="chunked", block_size=(256, 128), reduction=reduction
+        )
+        return jnp.sum(rows)
+
+    shapes = [((n, d), jnp.float32), ((v, d), jnp.float32), ((n,), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in shapes]
+    comps = _computations(jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile().as_text())
+    fills = {  # computations whose result is a broadcast of the buffer's shape
+        name
+        for name, text in comps.items()
+        if re.search(rf"ROOT \S+ = f32\[2,128,{v}\]\S* broadcast\(", text)
+    }
+    callers = {name for name, text in comps.items() for f in fills if f"calls=%{f}," in text}
+    assert fills and callers and not callers & _inside_loops(comps)
 
 
 def test_default_block_size():
