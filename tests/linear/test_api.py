@@ -125,9 +125,16 @@ def loss_and_grads(impl, x, w, labels, bias, reduction, cotangent, block_size, *
     return jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, bias)
 
 
-# Every case, option set and reduction; "chunked row kernel" differs from "chunked
-# sub-blocks" only in its statistics, which "sum" takes as "mean" does (interpreting
-# the kernel is slow on CPU).
+# "chunked row kernel" differs from "chunked sub-blocks" only in its statistics; it
+# runs every option set once ("mean": the forward's gradient) and the backward's
+# recompute ("none") with the options the kernel treats apart (interpreting it is
+# slow on CPU; tests/pallas checks the kernel itself with every option).
+ROW_KERNEL_RUNS = {("mean", name) for name in OPTIONS} | {
+    ("none", "smooth_z_cap"),
+    ("none", "logits_mask"),
+}
+
+
 @pytest.mark.parametrize(
     "case,name,reduction",
     [
@@ -135,7 +142,7 @@ def loss_and_grads(impl, x, w, labels, bias, reduction, cotangent, block_size, *
         for case in sorted(CASES)
         for name in sorted(OPTIONS)
         for reduction in ["none", "sum", "mean"]
-        if not (case == "chunked row kernel" and reduction == "sum")
+        if case != "chunked row kernel" or (reduction, name) in ROW_KERNEL_RUNS
     ],
 )
 def test_matches_reference(case, name, reduction):
@@ -151,10 +158,17 @@ def test_matches_reference(case, name, reduction):
         assert oracles.rel_err(a, b) < 1e-5
 
 
-# Grouping changes only which classes a block holds (`test_matches_reference`), not
-# the derivative rules: its second derivatives are those of "lean".
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"lean grouped"}))
-@pytest.mark.parametrize("reduction", ["none", "mean"])
+# One case per set of derivative rules: "chunked" (token_sum, token_rows), "lean", and
+# the fused-head kernels' (shared by the TPU kernels). "default" is "chunked"; sub-blocks
+# and grouping change only which positions or classes a block holds
+# (`test_matches_reference`); the row kernel's are tests/pallas's, run here once.
+DERIVATIVE_CASES = ["chunked", "lean", "pallas"]
+
+
+@pytest.mark.parametrize(
+    "case,reduction",
+    [(c, r) for c in DERIVATIVE_CASES for r in ["none", "mean"]] + [("chunked row kernel", "mean")],
+)
 def test_second_derivatives_match_reference(case, reduction):
     """Hessian-vector products in (x, w, bias) jointly, forward over reverse and reverse
     over reverse: the hand-written backwards must be differentiable again, with the
@@ -191,7 +205,7 @@ def test_second_derivatives_match_reference(case, reduction):
         assert oracles.rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"lean grouped"}))
+@pytest.mark.parametrize("case", DERIVATIVE_CASES)
 def test_derivatives_at_a_zero_coefficient_and_at_full_smoothing(case):
     """d/dλ grad_w(λ·L) at λ = 0 is grad_w(L): a zero cotangent must not cut the
     gradient's derivative (tests/test_categorical.py says why it could); and at ε = 1
@@ -354,7 +368,7 @@ def test_pallas_off_gpu_raises_and_default_is_chunked():
     )
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + ["reference"])
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"chunked row kernel"}) + ["reference"])
 def test_grad_of_vmap_over_labels_only_equals_loop(case):
     """Shared x and w, batched labels: each part of the loss is counted once per batch
     element (the sums of the custom_vjps are batched together)."""
