@@ -39,6 +39,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -437,6 +438,8 @@ def main(argv=None) -> None:
         parts["head"] = [] if "head" in skip else [
             head_traffic(*case, sharding) for case in head_traffic_cases()
         ]  # fmt: skip
+    if ptx_dir is not None:  # each case emptied it; the folder itself goes too
+        shutil.rmtree(ptx_dir, ignore_errors=True)
     text = markdown(label, *parts.values())
     print(text)
     if args.out:
