@@ -243,6 +243,7 @@ def _lean(
     batch_axis_name,
     block_size,
     fused=None,
+    kernel=None,
 ):
     mesh.check_split_over(w, options["vocab_axis_name"], "lean")
     n, vocab = math.prod(x.shape[:-1]), w.shape[0]
@@ -257,7 +258,16 @@ def _lean(
         return strided_blocks(a, num_blocks, block, axis, fill, group)
 
     # Labels become block-ordered ids; `ignore_index` is applied to the original ids first.
-    st = _static(options, return_aux)._replace(ignore_index=None, fused=fused, group=group)
+    st = _static(options, return_aux)._replace(
+        ignore_index=None,
+        fused=fused,
+        group=group,
+        padded=num_blocks * block != vocab,
+        row_kernel=kernel,
+        partitioned=xla_partitions(
+            x, w, labels, bias, logit_mask, position_mask, options["class_weights"]
+        ),
+    )
     labels = labels.reshape(n)
     pmask = jnp.ones((n,), bool) if position_mask is None else position_mask.reshape(n)
     pmask = kept_positions(labels, pmask, options["ignore_index"])
@@ -382,7 +392,7 @@ def _linear_cross_entropy(
 
     def run(name):
         blocks = {"block_size": block_size} if name in ("chunked", "lean", "pallas") else {}
-        if name in ("chunked", "pallas"):
+        if name in ("chunked", "lean", "pallas"):
             blocks["kernel"] = kernel
         return _IMPLS[name](x, w, labels, **kwargs, **blocks)
 
@@ -500,7 +510,7 @@ def linear_cross_entropy(
     # made here, outside jit, and passed as a static argument (part of the cache key).
     if implementation == "pallas":  # the fused-head kernels' (or raises)
         kernel = pallas.choose("pallas", jnp.result_type(x.dtype, w.dtype))
-    elif implementation in (None, "chunked"):  # the row statistics of its float32 logits
+    elif implementation in (None, "chunked", "lean"):  # the row statistics of its logits
         kernel = pallas.choose(None, logits_dtype(x, w))
     else:
         kernel = None

@@ -4,9 +4,9 @@ The N tokens are cut into blocks of B (padded; padding is a dropped position), a
 each block into `sub_blocks` strided sub-blocks of S = B / sub_blocks tokens. For each
 sub-block the (S, V) float32 logits are formed with one matmul, turned into
 per-position losses by `_stable.categorical_rows` (the same code as `cross_entropy`,
-with the row statistics `cross_entropy` takes on the backend where the gradient is
-formed: `Static.row_kernel`, on a GPU the one-read Triton kernel), and discarded, so
-memory holds one sub-block of float32 logits, never (N, V).
+with the row statistics `cross_entropy` takes on the backend: `Static.row_kernel`, on
+a GPU the one-read Triton kernel), and discarded, so memory holds one sub-block of
+float32 logits, never (N, V).
 
 Why two sizes: the dw matmul of a block, dw += dlogits.T @ x_block, contracts over
 its B tokens and reads and writes the (V, D) float32 accumulator once per block. With
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._stable import Rows, categorical_rows, logit_stats
+from .._stable import Rows, categorical_rows
 from ..pallas import stats_for
 from .blocks import put_block, strided_blocks, take_block
 from .mesh import sum_to_primal_axes, varying_like
@@ -56,13 +56,14 @@ class Static(NamedTuple):
     vocab_axis_name: object
     with_argmax: bool  # only for aux.accuracy
     sub_blocks: int = 1  # "chunked": strided sub-blocks per block of tokens
-    # "chunked": the row statistics of each sub-block's logits where their gradient is
-    # formed, as the plain losses choose them (`jaxent.pallas.stats_for`: on a GPU the
-    # one-read kernel, on a TPU XLA's one-read reduction, on a CPU two reads).
+    # The row statistics of each block of logits ("chunked": of tokens, "lean": of
+    # classes), as the plain losses choose them (`jaxent.pallas.stats_for`: on a GPU
+    # the one-read kernel, on a TPU XLA's one-read reduction, on a CPU two reads).
     row_kernel: object = None  # `jaxent.pallas.choose`'s Kernel; None: two reads (XLA)
     partitioned: bool = False  # `_sharding.xla_partitions` of the call
     fused: object = None  # "pallas": lean's scheme, these fused-head kernels' Config
     group: int = 1  # "lean": runs of classes kept together in its blocks (`blocks`)
+    padded: bool = True  # "lean": the blocks hold padding classes (V % block != 0)
 
 
 class Operands(NamedTuple):
@@ -87,7 +88,7 @@ def pick(static_value, array_value):
 
 
 def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask,
-          one_pass_backward=True) -> Rows:  # fmt: skip
+          forward=False) -> Rows:  # fmt: skip
     return categorical_rows(
         logits,
         labels,
@@ -100,9 +101,7 @@ def _rows(st: Static, ops: Operands, logits, labels, position_mask, logit_mask,
         softcap=st.softcap,
         vocab_axis_name=st.vocab_axis_name,
         with_argmax=st.with_argmax,
-        stats=stats_for(st.row_kernel, partitioned=st.partitioned)
-        if one_pass_backward
-        else functools.partial(logit_stats, one_pass_backward=False),
+        stats=stats_for(st.row_kernel, partitioned=st.partitioned, forward=forward),
     )
 
 
@@ -142,7 +141,7 @@ def _block_rows(st: Static, ops: Operands, block) -> Rows:
         # The forward pass is never differentiated in reverse mode (the custom_vjps
         # below have their own backward), only in forward mode for second derivatives.
         logits = project(xs, ops.w, ops.bias)
-        return carry, _rows(st, ops, logits, labels, pmask, lmask, one_pass_backward=False)
+        return carry, _rows(st, ops, logits, labels, pmask, lmask, forward=True)
 
     rows = lax.scan(step, None, _indices(st.sub_blocks))[1]
     return jax.tree.map(_in_block_order, rows)

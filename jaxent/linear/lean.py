@@ -4,7 +4,9 @@ The V classes are cut into nb blocks of Bv (padded, which copies `w`, only when 
 does not divide V; padding classes are dropped logits). Forward: one pass over the
 blocks with an online log-sum-exp (`_stable.online_add`) — each block's (N, Bv)
 logits update the running row max and the additive sums of `_stable.Partial`
-(rescaled when the max grows), exactly the statistics `cross_entropy` uses. Backward:
+(rescaled when the max grows), exactly the statistics `cross_entropy` uses, taken
+from the block as `cross_entropy` takes them on the backend (`_row_stats`: in one read
+on a GPU or TPU, two on a CPU). Backward:
 a second pass recomputes each block's logits and gets their gradient from the same
 `_stable.finish_rows`, by perturbing the saved whole-row sums with the block's own
 sums (value unchanged, derivative that of the block); dx accumulates in float32
@@ -43,11 +45,10 @@ from .._stable import (
     merge_first,
     num_classes_global,
     online_add,
-    prepare_logits,
     rescale,
-    row_max,
     safe_shift,
 )
+from ..pallas import stats_for
 from .blocks import put_block, take_block
 from .chunked import Static, pick
 from .mesh import sum_to_primal_axes, varying_like
@@ -133,13 +134,6 @@ def _mask_and_offset(st: Static, ops: Operands, logits, offset, mb, lmb):
     return mask, offset + class_offset(_local_classes(st, ops), st.vocab_axis_name)
 
 
-def _prepare(st: Static, ops: Operands, logits, offset, mb, lmb):
-    """Prepared (N, Bv) logits of one block (padding and masked classes at -inf) and
-    the global id of its first class."""
-    mask, offset = _mask_and_offset(st, ops, logits, offset, mb, lmb)
-    return prepare_logits(logits, mask, st.softcap), offset
-
-
 def _smoothing(st: Static, ops: Operands) -> bool:
     return not is_off(pick(st.label_smoothing, ops.ls))
 
@@ -204,6 +198,28 @@ def _kernel_grad(st: Static, ops: Operands, i, ct_sums: Partial, m):
     return fused_head.block_grad(config, _kernel_operands(st, ops, i)[0], ct)
 
 
+def _row_stats(st: Static, ops: Operands, i):
+    """(block_best, block_first, block_sums(m)) of block i from its logits, with the row
+    statistics `cross_entropy` takes on the backend (`jaxent.pallas.stats_for`: on a
+    GPU the one-read kernel, on a TPU XLA's one-read reduction, on a CPU two reads).
+    They come at the block's own shift and are moved to the running one."""
+    offset, wb, bb, cwb, mb, lmb = _block(st, ops, i)
+    logits = project(ops.x, wb, bb)
+    mask, offset = _mask_and_offset(st, ops, logits, offset, mb, lmb)
+    if not st.padded and lmb is None:
+        mask = None  # every class kept: a kernel then reads no mask
+    stats = stats_for(st.row_kernel, partitioned=st.partitioned, forward=True)
+    sums, best, first = stats(
+        logits, ops.labels, offset, cwb, mask,
+        softcap=st.softcap, smoothing=_smoothing(st, ops), with_argmax=st.with_argmax,
+    )  # fmt: skip
+
+    def block_sums(m):
+        return rescale(sums, safe_shift(best), m)
+
+    return best, first, block_sums
+
+
 def _statistics(st: Static, ops: Operands):
     """One pass over the vocabulary blocks: whole-row (Partial, best, first)."""
     n = ops.x.shape[0]
@@ -212,12 +228,7 @@ def _statistics(st: Static, ops: Operands):
     def step(carry, i):
         total, best, first = carry
         if st.fused is None:
-            offset, wb, bb, cwb, mb, lmb = _block(st, ops, i)
-            z, offset = _prepare(st, ops, project(ops.x, wb, bb), offset, mb, lmb)
-            block_best, block_first = row_max(z, offset, st.with_argmax)
-
-            def block_sums(m):
-                return block_partial(z, ops.labels, offset, m, cwb, _smoothing(st, ops))
+            block_best, block_first, block_sums = _row_stats(st, ops, i)
         else:
             block_best, block_first, block_sums = _kernel_stats(st, ops, i)
         if first is not None:

@@ -174,18 +174,32 @@ def choose(implementation: str | None, dtype) -> Kernel | None:
     return mode if interpret else (mode or Kernel())._replace(auto=True)
 
 
-def stats_for(kernel: Kernel | None, soft: bool = False, partitioned: bool = False):
+def stats_for(
+    kernel: Kernel | None, soft: bool = False, partitioned: bool = False, forward: bool = False
+):
     """The row-statistics function of a choice: `_stable.logit_stats`'s signature
     (integer labels), or `_stable.soft_stats`'s with `soft` (probability targets).
     `partitioned`: XLA partitions the call over devices (`_sharding.xla_partitions`,
-    asked where the loss core runs): the automatic choice then takes no Pallas call."""
+    asked where the loss core runs): the automatic choice then takes no Pallas call.
+    `forward` (integer labels): a forward pass inside a `custom_vjp`'s forward rule,
+    differentiated in forward mode for second derivatives, so without the one-pass
+    custom backward (`row_stats.forward_stats`)."""
     from .. import _stable
 
+    assert not (soft and forward), "forward-only statistics take integer labels"
+    if kernel is None and forward:
+        return functools.partial(_stable.logit_stats, one_pass_backward=False)
     if kernel is None:
         return _stable.soft_stats if soft else _stable.logit_stats
     from . import row_stats
 
-    if kernel.auto and partitioned:
+    if forward and kernel.auto and partitioned:
+        fn = row_stats.partitioned_forward_stats
+    elif forward and kernel.auto:
+        fn = row_stats.platform_forward_stats
+    elif forward:
+        fn = row_stats.forward_stats
+    elif kernel.auto and partitioned:
         fn = row_stats.partitioned_soft_stats if soft else row_stats.partitioned_stats
     elif kernel.auto:
         fn = row_stats.platform_soft_stats if soft else row_stats.platform_stats

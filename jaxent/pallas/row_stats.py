@@ -308,6 +308,19 @@ def kernel_stats(logits, labels, offset, class_weights, logit_mask, *, softcap, 
     return unstacked(fields, partial), best, first
 
 
+def forward_stats(logits, labels, offset, class_weights, logit_mask, *, softcap, smoothing,
+                  with_argmax, interpret=False, block_rows=None, block_classes=None,
+                  mosaic=False, xla=False):  # fmt: skip
+    """`kernel_stats` without its `custom_vjp`: the same results, differentiable in
+    forward mode too (through `_launch`'s rule; reverse mode transposes it). For a
+    forward pass inside another `custom_vjp`'s forward rule (`linear.chunked`'s
+    recompute scheme, `linear.lean`): never differentiated in reverse mode at first
+    order, in forward mode when second derivatives are taken."""
+    config = Config(softcap, smoothing, with_argmax, interpret, block_rows, block_classes,
+                    mosaic=mosaic, xla=xla)  # fmt: skip
+    return _forward(config, logits, labels, offset, class_weights, logit_mask)
+
+
 # Probability targets.
 
 
@@ -376,3 +389,7 @@ platform_soft_stats = on_cuda(kernel_soft_stats, soft_stats)
 # For calls XLA partitions over devices (`jaxent.pallas.stats_for`): no Pallas call.
 partitioned_stats = on_cuda(kernel_stats, logit_stats, kernel=False)
 partitioned_soft_stats = on_cuda(kernel_soft_stats, soft_stats, kernel=False)
+# Forward passes alone (`forward_stats`); on CPU the two reads without a custom backward.
+_two_reads_forward = functools.partial(logit_stats, one_pass_backward=False)
+platform_forward_stats = on_cuda(forward_stats, _two_reads_forward)
+partitioned_forward_stats = on_cuda(forward_stats, _two_reads_forward, kernel=False)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import jaxent
 
 from .. import oracles
-from ..kernels import kernel_mode
+from ..kernels import kernel_inputs, kernel_mode
 from .grouping import grouped
 
 F32 = jnp.float32
@@ -28,6 +28,9 @@ CASES = {
     # interpreted without one), in 8-row x 128-class tiles: two over the 203 classes.
     "chunked row kernel": ("chunked", (8, 2)),
     "lean": ("lean", 32),
+    # Each vocabulary block's row statistics from the same kernel, 8 x 128 tiles: 11
+    # blocks of 20 classes (V padded to 220, so the kernel reads a class mask).
+    "lean row kernel": ("lean", 20),
     # Runs of 4 classes per strided block (a TPU's layout, `grouping`), V padded to 208.
     "lean grouped": ("lean", 16),
     "default": (None, None),
@@ -53,7 +56,7 @@ def _pallas_kernels(request):
     elif "pallas" in (params.get("case"), params.get("impl")):
         with kernel_mode(block_rows=16, block_classes=32):
             yield
-    elif params.get("case") == "chunked row kernel":
+    elif params.get("case") in ("chunked row kernel", "lean row kernel"):
         with kernel_mode(block_rows=8, block_classes=128):
             yield
     elif params.get("case") == "lean grouped":
@@ -61,6 +64,25 @@ def _pallas_kernels(request):
             yield
     else:
         yield
+
+
+def test_lean_row_kernel_reads_a_class_mask_only_where_blocks_are_padded():
+    """"lean"'s blocks of 29 classes (7 of them) hold V = 203 exactly: the row kernel
+    reads the block's logits alone. Blocks of 20 (V padded to 220) hide the padding
+    classes behind a mask, one more (N, Bv) operand."""
+    x, w, labels, _ = make(0)
+
+    def inputs(block):
+        def loss(x):
+            return jaxent.linear_cross_entropy(
+                x, w, labels, implementation="lean", block_size=block
+            )
+
+        with kernel_mode(block_rows=8, block_classes=128):
+            return kernel_inputs(jax.make_jaxpr(jax.grad(loss))(x), "row_stats")
+
+    assert inputs(32) == [[(37, 29)]]
+    assert inputs(20) == [[(37, 20), (37, 20)]]
 
 
 def test_grouped_lean_views_w_in_runs():
@@ -125,10 +147,11 @@ def loss_and_grads(impl, x, w, labels, bias, reduction, cotangent, block_size, *
     return jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, bias)
 
 
-# "chunked row kernel" differs from "chunked sub-blocks" only in its statistics; it
-# runs every option set once ("mean": the forward's gradient) and the backward's
-# recompute ("none") with the options the kernel treats apart (interpreting it is
-# slow on CPU; tests/pallas checks the kernel itself with every option).
+# "chunked row kernel" differs from "chunked sub-blocks" only in its statistics (as
+# "lean row kernel" from "lean"); it runs every option set once ("mean": the forward's
+# gradient) and the backward's recompute ("none") with the options the kernel treats
+# apart (interpreting it is slow on CPU; tests/pallas checks the kernel itself with
+# every option).
 ROW_KERNEL_RUNS = {("mean", name) for name in OPTIONS} | {
     ("none", "smooth_z_cap"),
     ("none", "logits_mask"),
@@ -142,7 +165,7 @@ SUM_CASES = {"chunked", "lean", "pallas"}
 
 
 def _runs(case):
-    if case == "chunked row kernel":
+    if case.endswith("row kernel"):
         return ROW_KERNEL_RUNS
     reductions = ["none", "sum", "mean"] if case in SUM_CASES else ["none", "mean"]
     return {(reduction, name) for name in OPTIONS for reduction in reductions}
@@ -180,7 +203,8 @@ DERIVATIVE_CASES = ["chunked", "lean", "pallas"]
 
 @pytest.mark.parametrize(
     "case,reduction",
-    [(c, r) for c in DERIVATIVE_CASES for r in ["none", "mean"]] + [("chunked row kernel", "mean")],
+    [(c, r) for c in DERIVATIVE_CASES for r in ["none", "mean"]]
+    + [("chunked row kernel", "mean"), ("lean row kernel", "mean")],
 )
 def test_second_derivatives_match_reference(case, reduction):
     """Hessian-vector products in (x, w, bias) jointly, forward over reverse and reverse
@@ -381,7 +405,9 @@ def test_pallas_off_gpu_raises_and_default_is_chunked():
     )
 
 
-@pytest.mark.parametrize("case", sorted(set(CASES) - {"chunked row kernel"}) + ["reference"])
+@pytest.mark.parametrize(
+    "case", sorted(set(CASES) - {"chunked row kernel", "lean row kernel"}) + ["reference"]
+)
 def test_grad_of_vmap_over_labels_only_equals_loop(case):
     """Shared x and w, batched labels: each part of the loss is counted once per batch
     element (the sums of the custom_vjps are batched together)."""

@@ -218,14 +218,15 @@ def test_the_kernel_choice_reads_every_array_where_the_core_runs():
     )
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_default_takes_the_row_kernel_for_its_float32_logits(reduction):
+@pytest.mark.parametrize("reduction,calls", [("mean", 1), ("none", 2)])
+def test_linear_default_takes_the_row_kernel_for_its_float32_logits(reduction, calls):
     """`linear_cross_entropy`'s default ("chunked") forms each sub-block's float32
-    logits and their gradient; their row statistics come from the plain losses' Triton
-    kernel for CUDA, where the gradient is formed: once, in the loop body ("mean": the
-    forward; "none": the backward's recompute, its forward being XLA's, which
-    forward-mode derivatives need). Split over Auto mesh axes under `jax.jit`, XLA's
-    one-read reduction instead."""
+    logits; their row statistics come from the plain losses' Triton kernel for CUDA, in
+    each loop body: "mean" forms the gradient in its forward (one loop), "none" runs a
+    forward loop and the backward's recompute (the forward's without the kernel's
+    custom backward: `row_stats.forward_stats`). So does "lean"'s forward, over blocks
+    of the vocabulary. Split over Auto mesh axes under `jax.jit`, XLA's one-read
+    reduction instead."""
     n, d, v = 4096, 64, 32000
     args = [spec((n, d), jnp.bfloat16), spec((v, d), jnp.bfloat16), spec((n,), jnp.int32)]
 
@@ -236,29 +237,33 @@ def test_linear_default_takes_the_row_kernel_for_its_float32_logits(reduction):
 
         return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
-    assert kernel_calls(lowered(fn, "cuda", *args)) == 1
+    assert kernel_calls(lowered(fn, "cuda", *args)) == calls
+    lean = functools.partial(jaxent.linear_cross_entropy, implementation="lean")
+    lean_grad = jax.grad(lambda x, w, y: jnp.sum(lean(x, w, y, reduction=reduction)))
+    assert kernel_calls(lowered(lean_grad, "cuda", *args)) == 1
     if jax.device_count() >= 8:
         auto = jax.sharding.AxisType.Auto
         mesh = jax.make_mesh((8,), ("batch",), axis_types=(auto,))
         split = jax.sharding.NamedSharding(mesh, P("batch"))
         x = jax.ShapeDtypeStruct((n, d), jnp.bfloat16, sharding=split)
         assert kernel_calls(lowered(fn, "cuda", x, *args[1:])) == 0
-    lean = functools.partial(jaxent.linear_cross_entropy, implementation="lean")
-    assert kernel_calls(lowered(jax.grad(lambda x, w, y: lean(x, w, y)), "cuda", *args)) == 0
+        assert kernel_calls(lowered(lean_grad, "cuda", x, *args[1:])) == 0
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (CI simulates 8 CPUs)")
-def test_linear_default_takes_the_row_kernel_inside_shard_map():
+@pytest.mark.parametrize("implementation", [None, "lean"])
+def test_linear_default_takes_the_row_kernel_inside_shard_map(implementation):
     """Vocabulary- and data-parallel under shard_map (check_vma=True, as compiled kernels
-    allow): each shard's sub-block statistics come from the kernel, typed as varying
-    like its logits, and the shards' exchange is unchanged."""
+    allow): each shard's block statistics come from the kernel, typed as varying like
+    its logits, and the shards' exchange is unchanged."""
     auto = jax.sharding.AxisType.Auto
     mesh = jax.make_mesh((2, 4), ("batch", "vocab"), axis_types=(auto, auto))
 
     def body(x, w, y):
         return jaxent.linear_cross_entropy(
-            x, w, y, label_smoothing=0.1, vocab_axis_name="vocab", batch_axis_name="batch"
-        )
+            x, w, y, label_smoothing=0.1, vocab_axis_name="vocab", batch_axis_name="batch",
+            implementation=implementation,
+        )  # fmt: skip
 
     specs = (P("batch"), P("vocab"), P("batch"))
     run = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P())

@@ -18,7 +18,7 @@ import pytest
 
 from jaxent import _stable
 from jaxent.pallas import row_stats_tpu
-from jaxent.pallas.row_stats import kernel_soft_stats, kernel_stats
+from jaxent.pallas.row_stats import forward_stats, kernel_soft_stats, kernel_stats
 
 F32 = jnp.float32
 # The kernel options of each kernel's run: Triton's 4-row x 16-class tiles; Mosaic's
@@ -164,6 +164,41 @@ def test_gradient_is_the_one_pass_formula():
     assert np.all(np.isfinite(g_got)) and np.any(g_got != 0)
     np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(g_got)[~np.asarray(mask)] == 0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_stats_match_xla_with_derivatives_in_both_modes(masked):
+    """`forward_stats` (no custom VJP, for a forward pass inside another's forward
+    rule): the kernel's results, with forward-mode and reverse-mode derivatives equal
+    to those of the two-read XLA statistics it replaces (`one_pass_backward=False`)."""
+    n, c = 13, 300
+    x = jax.random.normal(jax.random.PRNGKey(13), (n, c), F32) * 3
+    labels = jax.random.randint(jax.random.PRNGKey(14), (n,), 0, c + 10)
+    weights = jax.random.uniform(jax.random.PRNGKey(15), (c,), F32, 0.2, 2.0)
+    mask = jax.random.uniform(jax.random.PRNGKey(16), (n, c)) > 0.3 if masked else None
+    options = dict(softcap=3.0, smoothing=True, with_argmax=True)
+    xla = functools.partial(_stable.logit_stats, **options, one_pass_backward=False)
+    kernel = functools.partial(forward_stats, **options, **kernel_options)
+
+    def sums(stats, x):
+        return stats(x, labels, 7, weights, mask)[0]
+
+    assert_same_stats(jax.jit(kernel)(x, labels, 7, weights, mask),
+                      jax.jit(xla)(x, labels, 7, weights, mask), rtol=1e-5)  # fmt: skip
+    tangent = jax.random.normal(jax.random.PRNGKey(17), x.shape, F32)
+    got = jax.jit(lambda x, t: jax.jvp(functools.partial(sums, kernel), (x,), (t,)))(x, tangent)
+    want = jax.jit(lambda x, t: jax.jvp(functools.partial(sums, xla), (x,), (t,)))(x, tangent)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    def scalar(stats, x):  # a random mix of every float sum
+        leaves = [a for a in jax.tree.leaves(sums(stats, x)) if a.dtype == F32]
+        return sum(jnp.vdot(jnp.cos(jnp.arange(n) + i), a) for i, a in enumerate(leaves))
+
+    g_got = jax.jit(jax.grad(functools.partial(scalar, kernel)))(x)
+    g_want = jax.jit(jax.grad(functools.partial(scalar, xla)))(x)
+    assert np.any(np.asarray(g_got) != 0)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [
