@@ -67,7 +67,7 @@ def _pallas_kernels(request):
 
 
 def test_lean_row_kernel_reads_a_class_mask_only_where_blocks_are_padded():
-    """"lean"'s blocks of 29 classes (7 of them) hold V = 203 exactly: the row kernel
+    """The "lean" blocks of 29 classes (7 of them) hold V = 203 exactly: the row kernel
     reads the block's logits alone. Blocks of 20 (V padded to 220) hide the padding
     classes behind a mask, one more (N, Bv) operand."""
     x, w, labels, _ = make(0)
