@@ -225,8 +225,8 @@ def test_linear_default_takes_the_row_kernel_for_its_float32_logits(reduction, c
     each loop body: "mean" forms the gradient in its forward (one loop), "none" runs a
     forward loop and the backward's recompute (the forward's without the kernel's
     custom backward: `row_stats.forward_stats`). So does "lean"'s forward, over blocks
-    of the vocabulary. Split over Auto mesh axes under `jax.jit`, XLA's one-read
-    reduction instead."""
+    of the vocabulary. Split over Auto mesh axes under `jax.jit`, no kernel: XLA's
+    one-read reduction ("chunked"), its two reads ("lean")."""
     n, d, v = 4096, 64, 32000
     args = [spec((n, d), jnp.bfloat16), spec((v, d), jnp.bfloat16), spec((n,), jnp.int32)]
 
