@@ -380,7 +380,7 @@ def markdown(label, memory_rows, kernel_rows, tile_rows, traffic_rows=(), head_r
         cells = [r["case"], status, r.get("kernels", ""), temp]
         if with_ptx:
             cells.append("<br>".join(f"{k.removeprefix('jaxent_')}: {ptx.describe(v)}"
-                                     for k, v in r.get("ptx", {}).items()))  # fmt: skip
+                                     for k, v in sorted(r.get("ptx", {}).items())))  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if traffic_rows:
         caption = (f"Plain losses, forward + backward compiled for {label}: whole-logits "
