@@ -663,6 +663,10 @@ def logit_stats(
     return partial, best, first
 
 
+# `logit_stats` for a forward pass inside a `custom_vjp`'s forward rule (see above).
+forward_logit_stats = functools.partial(logit_stats, one_pass_backward=False)
+
+
 def combine_shards(partial: Partial, best, first, vocab_axis_name, position_mask=None):
     """Whole-row statistics from each vocab shard's: the largest max (and its first
     occurrence) wins; each shard's sums are moved to that shift and summed.

@@ -263,10 +263,13 @@ def _lean(
         fused=fused,
         group=group,
         padded=num_blocks * block != vocab,
-        row_kernel=kernel,
-        partitioned=xla_partitions(
-            x, w, labels, bias, logit_mask, position_mask, options["class_weights"]
-        ),
+        # Where XLA partitions the call (Auto mesh axes), XLA's two reads: it splits
+        # them without a collective per block, where the one-read reduction gathers
+        # per-position partials in every block (`python -m benchmarks.sharding`: +2 to
+        # +8 MiB per step on 8 H100s).
+        row_kernel=None
+        if xla_partitions(x, w, labels, bias, logit_mask, position_mask, options["class_weights"])
+        else kernel,
     )
     labels = labels.reshape(n)
     pmask = jnp.ones((n,), bool) if position_mask is None else position_mask.reshape(n)

@@ -201,19 +201,15 @@ def _kernel_grad(st: Static, ops: Operands, i, ct_sums: Partial, m):
 def _row_stats(st: Static, ops: Operands, i):
     """(block_best, block_first, block_sums(m)) of block i from its logits, with the row
     statistics `cross_entropy` takes on the backend (`jaxent.pallas.stats_for`: on a
-    GPU the one-read kernel, on a TPU XLA's one-read reduction, on a CPU two reads),
-    except where XLA partitions the call. They come at the block's own shift and are
-    moved to the running one."""
+    GPU the one-read kernel, on a TPU XLA's one-read reduction, on a CPU two reads;
+    `api._lean` leaves `row_kernel` None where XLA partitions the call). They come at
+    the block's own shift and are moved to the running one."""
     offset, wb, bb, cwb, mb, lmb = _block(st, ops, i)
     logits = project(ops.x, wb, bb)
     mask, offset = _mask_and_offset(st, ops, logits, offset, mb, lmb)
     if not st.padded and lmb is None:
         mask = None  # every class kept: a kernel then reads no mask
-    # Split over Auto mesh axes, XLA partitions the two reads without a collective per
-    # block; the one-read reduction would gather per-position partials in every block
-    # (`python -m benchmarks.sharding`: +2 to +8 MiB per step on 8 H100s).
-    kernel = None if st.partitioned else st.row_kernel
-    stats = stats_for(kernel, forward=True)
+    stats = stats_for(st.row_kernel, forward=True)
     sums, best, first = stats(
         logits, ops.labels, offset, cwb, mask,
         softcap=st.softcap, smoothing=_smoothing(st, ops), with_argmax=st.with_argmax,

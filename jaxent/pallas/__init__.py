@@ -188,7 +188,7 @@ def stats_for(
 
     assert not (soft and forward), "forward-only statistics take integer labels"
     if kernel is None and forward:
-        return functools.partial(_stable.logit_stats, one_pass_backward=False)
+        return _stable.forward_logit_stats
     if kernel is None:
         return _stable.soft_stats if soft else _stable.logit_stats
     from . import row_stats

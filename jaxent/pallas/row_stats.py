@@ -45,6 +45,7 @@ from .._stable import (
     Partial,
     SoftPartial,
     class_sums,
+    forward_logit_stats,
     kept,
     logit_label_terms,
     logit_stats,
@@ -390,6 +391,5 @@ platform_soft_stats = on_cuda(kernel_soft_stats, soft_stats)
 partitioned_stats = on_cuda(kernel_stats, logit_stats, kernel=False)
 partitioned_soft_stats = on_cuda(kernel_soft_stats, soft_stats, kernel=False)
 # Forward passes alone (`forward_stats`); on CPU the two reads without a custom backward.
-_two_reads_forward = functools.partial(logit_stats, one_pass_backward=False)
-platform_forward_stats = on_cuda(forward_stats, _two_reads_forward)
-partitioned_forward_stats = on_cuda(forward_stats, _two_reads_forward, kernel=False)
+platform_forward_stats = on_cuda(forward_stats, forward_logit_stats)
+partitioned_forward_stats = on_cuda(forward_stats, forward_logit_stats, kernel=False)
