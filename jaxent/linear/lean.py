@@ -126,12 +126,14 @@ def _num_blocks(ops: Operands) -> int:
 
 
 def _mask_and_offset(st: Static, ops: Operands, logits, offset, mb, lmb):
-    """The (N, Bv) logit mask of one block (False on padding and masked classes) and
-    the global id of its first class."""
+    """The (N, Bv) logit mask of one block (False on padding and masked classes; None
+    when every class is kept, so that a kernel reads no mask) and the global id of its
+    first class."""
+    offset = offset + class_offset(_local_classes(st, ops), st.vocab_axis_name)
+    if not st.padded:
+        return lmb, offset
     mask = jnp.broadcast_to(mb, logits.shape)
-    if lmb is not None:
-        mask = mask & lmb
-    return mask, offset + class_offset(_local_classes(st, ops), st.vocab_axis_name)
+    return mask if lmb is None else mask & lmb, offset
 
 
 def _smoothing(st: Static, ops: Operands) -> bool:
@@ -207,8 +209,6 @@ def _row_stats(st: Static, ops: Operands, i):
     offset, wb, bb, cwb, mb, lmb = _block(st, ops, i)
     logits = project(ops.x, wb, bb)
     mask, offset = _mask_and_offset(st, ops, logits, offset, mb, lmb)
-    if not st.padded and lmb is None:
-        mask = None  # every class kept: a kernel then reads no mask
     stats = stats_for(st.row_kernel, forward=True)
     sums, best, first = stats(
         logits, ops.labels, offset, cwb, mask,

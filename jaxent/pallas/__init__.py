@@ -187,26 +187,28 @@ def stats_for(
     from .. import _stable
 
     assert not (soft and forward), "forward-only statistics take integer labels"
-    if kernel is None and forward:
-        return _stable.forward_logit_stats
     if kernel is None:
+        if forward:
+            return _stable.forward_logit_stats
         return _stable.soft_stats if soft else _stable.logit_stats
     from . import row_stats
 
-    if forward and kernel.auto and partitioned:
-        fn = row_stats.partitioned_forward_stats
-    elif forward and kernel.auto:
-        fn = row_stats.platform_forward_stats
-    elif forward:
-        fn = row_stats.forward_stats
-    elif kernel.auto and partitioned:
-        fn = row_stats.partitioned_soft_stats if soft else row_stats.partitioned_stats
-    elif kernel.auto:
-        fn = row_stats.platform_soft_stats if soft else row_stats.platform_stats
+    # (the kernel asked for, the automatic choice, the automatic choice where XLA
+    # partitions the call)
+    if forward:
+        family = (row_stats.forward_stats, row_stats.platform_forward_stats,
+                  row_stats.partitioned_forward_stats)  # fmt: skip
+    elif soft:
+        family = (row_stats.kernel_soft_stats, row_stats.platform_soft_stats,
+                  row_stats.partitioned_soft_stats)  # fmt: skip
     else:
-        fn = row_stats.kernel_soft_stats if soft else row_stats.kernel_stats
+        family = (row_stats.kernel_stats, row_stats.platform_stats, row_stats.partitioned_stats)
+    asked, automatic, automatic_partitioned = family
     tiles = dict(block_rows=kernel.block_rows, block_classes=kernel.block_classes)
-    if not kernel.auto:  # auto: the GPU kernel, on CUDA only
+    if kernel.auto:  # the GPU kernel, on CUDA only
+        fn = automatic_partitioned if partitioned else automatic
+    else:
+        fn = asked
         tiles["mosaic"] = kernel.mosaic
     return functools.partial(fn, interpret=kernel.interpret, **tiles)
 
