@@ -534,7 +534,7 @@ def test_mean_with_weights_divides_by_the_weight_sum_of_valid_positions():
 shapes = st.tuples(st.integers(1, 5), st.integers(1, 7))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 10_000), shift=st.floats(-50, 50))
 def test_properties(shape, seed, shift):
     n, c = shape
@@ -550,7 +550,7 @@ def test_properties(shape, seed, shift):
     np.testing.assert_allclose(soft, loss, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), eps=st.floats(0, 1))
 def test_masked_positions_get_exactly_zero_gradient(seed, eps):
     logits, labels = make(seed, (6,), 4)
@@ -741,7 +741,7 @@ def test_traced_smoothing_and_z_loss_get_their_gradient(soft):
     np.testing.assert_allclose(got, oracles.option_gradient(oracle, 0.1, 0.01), rtol=1e-5)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     n=st.integers(1, 6),
     c=st.integers(1, 9),

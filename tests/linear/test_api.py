@@ -611,7 +611,7 @@ def test_one_float64_operand_computes_in_float64(case, dtypes):
     chex.assert_trees_all_equal_dtypes(got, want)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     n=st.integers(1, 12),
     d=st.integers(1, 6),
