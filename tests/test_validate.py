@@ -39,6 +39,28 @@ def test_narrow_dtypes_and_empty_labels(jit):
     check(jnp.zeros((0,), jnp.int32), 5)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("label", [-1, 0, 3, 4, 5])
+def test_rejects_exactly_the_labels_the_losses_make_nan(jit, label):
+    """The edges of [0, C) for C = 4: `validate` raises exactly where `cross_entropy`
+    (the SPEC's run-time rule) makes the position's loss NaN; -100 is ignored by both."""
+    labels = jnp.array([label, 1, -100])
+    loss = jaxent.cross_entropy(jnp.zeros((3, 4)), labels, ignore_index=-100, reduction="none")
+    fn = functools.partial(jaxent.validate, num_classes=4, ignore_index=-100)
+    if jit:
+        err, _ = checkify.checkify(jax.jit(fn))(labels)
+        run = err.throw
+    else:
+        run = functools.partial(fn, labels)
+    if not 0 <= label < 4:
+        assert jnp.isnan(loss[0])
+        with pytest.raises((ValueError, checkify.JaxRuntimeError), match=f"{label} at position"):
+            run()
+    else:
+        assert jnp.isfinite(loss).all()
+        run()
+
+
 def test_where_excludes_padding():
     labels = jnp.array([1, 99, 2])
     jaxent.validate(labels, 3, where=jnp.array([True, False, True]))
