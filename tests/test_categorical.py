@@ -598,6 +598,26 @@ def test_soft_cross_entropy_gradients_and_minus_inf():
     assert lost[1] == np.inf
 
 
+@pytest.mark.parametrize("traced", [False, True])
+def test_soft_cross_entropy_at_full_smoothing_ignores_mass_on_a_dropped_logit(traced):
+    """ε = 1 replaces the targets by 1/C' over the C' kept logits: mass on a -inf
+    logit no longer counts, so the loss is finite (float64 NumPy from the formula:
+    the mean of lse - z over the kept logits); below ε = 1 it still makes +inf."""
+    logits = jnp.array([[0.5, -1.0, -jnp.inf, 2.0]], F32)
+    targets = jnp.array([[0.2, 0.3, 0.5, 0.0]], F32)
+    z = np.array([0.5, -1.0, 2.0])
+    want = np.mean(np.log(np.sum(np.exp(z))) - z)
+
+    def loss(x, eps):
+        eps = jnp.float32(eps) if traced else eps
+        return jaxent.soft_cross_entropy(x, targets, label_smoothing=eps, reduction="none")
+
+    np.testing.assert_allclose(loss(logits, 1.0), [want], rtol=1e-6)
+    grad = jax.grad(lambda x: loss(x, 1.0)[0])(logits)
+    assert np.isfinite(grad).all() and grad[0, 2] == 0
+    assert loss(logits, 0.5)[0] == np.inf
+
+
 # --- validation ------------------------------------------------------------------------
 
 

@@ -31,6 +31,14 @@ def test_scalar_option_errors(value, error, match):
         _checks.check_scalar_option("label_smoothing", value, low=0.0, high=1.0)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -0.5])
+def test_unbounded_scalar_options_must_be_finite_and_above_low(value):
+    """`z_loss` has no upper bound, so only the finiteness check stops inf (and the
+    ordered comparison NaN)."""
+    with pytest.raises(ValueError, match=r"`z_loss` must be a finite number >= 0.0, got"):
+        _checks.check_scalar_option("z_loss", value, low=0.0)
+
+
 def test_axis_is_normalised_and_checked():
     assert _checks.check_axis(-1, 3) == 2
     with pytest.raises(ValueError, match=r"`axis` must be in \[-2, 2\) for `logits` of rank 2"):

@@ -396,3 +396,30 @@ def test_xla_partitions_reads_auto_axes_off_the_types_and_the_context_mesh():
 
     assert not manual("batch", "vocab")
     assert manual("batch")  # "vocab" stays Auto, over 4 devices
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "soft", "xla", "chunked", "lean"])
+def test_argmax_ties_across_vocabulary_shards_go_to_the_smaller_class_id(loss):
+    """Classes 1 and 5 tie for every row's max and sit on different vocabulary shards
+    (2 classes per shard on the 2x4 mesh): aux.accuracy counts the smaller id, as
+    NumPy's argmax on one device — labels on class 1 are right, on class 5 wrong."""
+    x = jnp.zeros((2, 4), F32).at[:, 0].set(1.0)
+    w = jnp.zeros((8, 4), F32).at[1, 0].set(2.0).at[5, 0].set(2.0)
+    first = np.argmax(np.asarray(x, np.float64) @ np.asarray(w, np.float64).T, axis=-1)
+    assert (first == 1).all()
+    if loss in ("cross_entropy", "soft"):
+        f = jaxent.cross_entropy if loss == "cross_entropy" else jaxent.soft_cross_entropy
+        arrays, specs = (x @ w.T,), (P("batch", "vocab"),)
+    else:
+        f = functools.partial(jaxent.linear_cross_entropy, implementation=loss)
+        arrays, specs = (x, w), (P("batch", None), P("vocab", None))
+    for label, want in ((1, 1.0), (5, 0.0)):
+        target = jnp.full((2,), label)
+        if loss == "soft":
+            target = jax.nn.one_hot(target, 8, dtype=F32)
+        target_spec = P("batch", "vocab") if loss == "soft" else P("batch")
+        sharded = jax.shard_map(
+            lambda *a: f(*a, return_aux=True, **AXIS_NAMES)[1].accuracy,
+            mesh=mesh((2, 4)), in_specs=(*specs, target_spec), out_specs=P(),
+        )  # fmt: skip
+        assert jax.jit(sharded)(*arrays, target) == want, label

@@ -454,17 +454,24 @@ def test_vmap_jit_and_no_retrace():
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked", "lean", "pallas"])
-def test_accuracy_ties_go_to_the_smaller_class_id(impl):
-    """Classes 1 and 4 tie for the max, label 1: argmax over the row picks 1, also when
-    "lean"'s strided blocks visit class 4 first."""
+@pytest.mark.parametrize("tied", [(1, 4), (0, 3)])
+def test_accuracy_ties_go_to_the_smaller_class_id(impl, tied):
+    """Two classes tie for the max: the argmax is the smaller id (NumPy's first), the
+    label on it is right and the label on the other wrong — whichever block "lean"'s
+    strided blocks visit first (V=6 in blocks of 3: {0, 2, 4} then {1, 3, 5}, so 4
+    comes before 1, and 0 before 3)."""
     x = jnp.zeros((1, 6), F32).at[0, 0].set(1.0)
-    w = jnp.zeros((6, 6), F32).at[1, 0].set(1.0).at[4, 0].set(1.0)
+    w = jnp.zeros((6, 6), F32).at[tied[0], 0].set(1.0).at[tied[1], 0].set(1.0)
+    first = int(np.argmax(np.asarray(x, np.float64) @ np.asarray(w, np.float64).T))
+    assert first == min(tied)
     for block in (None, 2, 3):
         block = None if impl == "xla" else block
-        _, aux = jaxent.linear_cross_entropy(
-            x, w, jnp.array([1]), implementation=impl, block_size=block, return_aux=True
-        )
-        assert aux.accuracy == 1.0
+        for label in tied:
+            _, aux = jaxent.linear_cross_entropy(
+                x, w, jnp.array([label]), implementation=impl, block_size=block,
+                return_aux=True,
+            )  # fmt: skip
+            assert aux.accuracy == (1.0 if label == first else 0.0), (block, label)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "lean", "pallas"])
