@@ -281,3 +281,48 @@ def test_ptx_reads_matrix_instructions_and_access_widths(tmp_path):
     assert list(ptx.read_dump(tmp_path)) == ["jaxent_dot"]  # XLA's own fusions left out
     assert ptx.describe(dot) == ("mma.sync m16n8k16 ×1, wgmma.mma_async m64n64k16 ×2; "
                                  "loads 16 B, stores 8 B; 256 threads")  # fmt: skip
+
+
+def test_hlo_reduce_scatter_counts_the_array_before_scattering():
+    """A reduce-scatter's result is 1/group of its operand: the bytes counted are the
+    operand's (64 floats), not the result's (16)."""
+    from benchmarks import hlo
+
+    text = """HloModule m
+
+ENTRY %main (a: f32[64]) -> f32[16] {
+  %a = f32[64]{0} parameter(0)
+  ROOT %s = f32[16]{0} reduce-scatter(%a), replica_groups={{0,1,2,3}}, dimensions={0}, ARGS
+}""".replace("ARGS", "channel_id=4, to_apply=%add")
+    (found,) = hlo.collectives(text)
+    assert (found.kind, found.bytes, found.group) == ("reduce-scatter", 64 * 4, 4)
+
+
+def test_memory_table_is_a_share_of_the_float32_logits(monkeypatch):
+    """`benchmarks.memory` on a tiny head: the materialised path's compiled temp holds
+    at least the (N, V) float32 logits, and `of_f32_logits` is temp / (4 N V)."""
+    from benchmarks import memory
+
+    monkeypatch.setattr(memory, "HEADS", {"tiny": (16, 256)})
+    (row,) = memory.run(tokens=(32,), implementations=("xla",))
+    assert (row["N"], row["D"], row["V"], row["dtype"]) == (32, 16, 256, "float32")
+    assert row["temp_bytes"] >= 4 * 32 * 256
+    assert row["of_f32_logits"] == row["temp_bytes"] / (4 * 32 * 256)
+
+
+def test_peak_extra_bytes_is_the_new_peak_above_what_was_in_use(monkeypatch):
+    """Device memory stats before and after the run: 100 B in use, the peak rising
+    from 500 to 900 B, is 800 B taken by the run; a peak that did not rise (JAX
+    cannot reset it) and a CPU without stats are None."""
+    from benchmarks import timing
+
+    def stats(*pairs):
+        seen = iter([{"bytes_in_use": a, "peak_bytes_in_use": b} for a, b in pairs])
+        monkeypatch.setattr(timing, "_memory_stats", lambda: next(seen))
+
+    stats((100, 500), (100, 900))
+    assert timing.peak_extra_bytes(lambda: None) == 800
+    stats((100, 900), (100, 900))
+    assert timing.peak_extra_bytes(lambda: None) is None
+    monkeypatch.setattr(timing, "_memory_stats", dict)
+    assert timing.peak_extra_bytes(lambda: None) is None

@@ -284,10 +284,38 @@ def test_forward_segments_fill_the_gpu_and_cover_every_tile():
     assert fused_head.segments(8192, 2048, llama) == (2, 8)  # 128 row blocks, 16 tiles
     assert fused_head.segments(512, 2048, llama) == (16, 1)  # 8 row blocks
     assert fused_head.segments(1 << 20, 2048, llama) == (1, 16)
-    for n, v in [(37, 100), (1000, 4000), (5, 33)]:
+    # (1000, 3000): 94 tiles in segments of 19 — the last one ragged
+    for n, v in [(37, 100), (1000, 4000), (5, 33), (1000, 3000)]:
         num, per = fused_head.segments(n, v, (16, 32, 16))
         tiles = -(-v // 32)
         assert (num - 1) * per < tiles <= num * per
+
+
+def test_segments_of_several_class_tiles_match_float64():
+    """Every test elsewhere runs one class tile per segment. Here 15 row blocks of 16
+    leave room for 10 segments of 2 tiles over V = 300 (19 tiles, the last segment
+    one tile, the last tile ragged): per-row losses against float64 NumPy, and a
+    tie between classes 40 and 70 (tiles 2 and 4: segments 1 and 2) goes to 40."""
+    n, d, v = 240, 16, 300
+    tiles = dict(platform="gpu", block_rows=16, block_classes=16, block_depth=16)
+    assert fused_head.segments(n, v, (16, 16, 16)) == (10, 2)
+    kx, kw, ky = jax.random.split(jax.random.PRNGKey(7), 3)
+    x = jax.random.normal(kx, (n, d), F32)
+    w = (jax.random.normal(kw, (v, d), F32) * 0.5).at[jnp.array([40, 70])].set(1.0)
+    labels = jax.random.randint(ky, (n,), 0, v).at[:4].set(40)
+    x = x.at[:4].set(1.0)  # rows 0-3: classes 40 and 70 tie at 16; the rest ~N(0, 4)
+    with kernel_mode(**tiles):
+        got, aux = jaxent.linear_cross_entropy(
+            x, w, labels, implementation="pallas", block_size=v, reduction="none",
+            return_aux=True,
+        )  # fmt: skip
+    z = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    top = z.max(axis=1)
+    want = np.log(np.exp(z - top[:, None]).sum(axis=1)) + top - z[np.arange(n), labels]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (np.argmax(z[:4], axis=1) == 40).all()
+    right = np.argmax(z, axis=1) == np.asarray(labels)
+    assert aux.accuracy == pytest.approx(right.mean())
 
 
 def test_kernel_mode_is_part_of_the_jit_cache_key():

@@ -30,6 +30,7 @@ KERNELS = {
     "xla": dict(xla=True),
 }
 kernel_options: dict = {}
+CHUNK = row_stats_tpu.CHUNK  # the kernel's default; the fixture lowers it to 8
 
 
 @pytest.fixture(autouse=True, params=sorted(KERNELS))
@@ -112,6 +113,36 @@ def test_masked_nan_and_inf_never_leak():
     partial, best, first = got
     assert np.isfinite(partial.s[0]) and best[0] == 1.0
     assert np.isnan(partial.s[1]) and np.isnan(best[1]) and first[1] == 0  # NaN is the max
+
+
+def test_a_plus_inf_logit_makes_its_row_nan():
+    """A kept +inf logit: exp(inf - inf) reaches s as NaN (the loss is NaN, as XLA's
+    two reads give); the row beside it stays finite."""
+    x = jnp.array([[0.5, jnp.inf, -1.0, 2.0], [1.0, 2.0, 3.0, 4.0]], F32)
+    options = dict(softcap=None, smoothing=False, with_argmax=False)
+    got, want = both(x, jnp.array([0, 1]), 0, None, None, **options)
+    for partial, _, _ in (got, want):
+        assert np.isnan(partial.s[0]) and np.isfinite(partial.s[1])
+
+
+def test_a_row_block_that_is_not_a_power_of_two(monkeypatch):
+    """N = 37 in one block of at most 64 rows: the TPU kernel's block is 40 rows (N
+    rounded up to its 8-row tile), worked in chunks of the default CHUNK that must
+    divide 40 (8, not 32); every row against XLA and float64 NumPy."""
+    monkeypatch.setattr(row_stats_tpu, "CHUNK", CHUNK)
+    for n in range(1, 100):
+        for block_rows in (None, 8, 64, 512):
+            rows, _, chunk = row_stats_tpu.tile_sizes(n, 300, block_rows, None)
+            assert rows % chunk == 0 and chunk <= CHUNK, (n, block_rows, rows, chunk)
+    x = logits_with_edge_rows(37, 300, F32, seed=9)
+    labels = jax.random.randint(jax.random.PRNGKey(10), (37,), 0, 300)
+    options = dict(softcap=None, smoothing=False, with_argmax=True)
+    kernel = functools.partial(kernel_stats, **options, **{**kernel_options, "block_rows": 64})
+    got = jax.jit(kernel)(x, labels, 0, None, None)
+    assert_same_stats(got, jax.jit(functools.partial(_stable.logit_stats, **options))(
+        x, labels, 0, None, None), rtol=1e-6)  # fmt: skip
+    clean = np.asarray(x[6:], np.float64)  # the edge rows are checked above, against XLA
+    np.testing.assert_allclose(got[1][6:], clean.max(axis=1), rtol=1e-6)
 
 
 def test_values_against_numpy():
