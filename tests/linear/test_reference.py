@@ -24,3 +24,18 @@ def test_reference_matches_numpy_float64(reduction):
     logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T + np.asarray(bias)
     want = oracles.cross_entropy(logits, labels, reduction=reduction, **opts)[0]
     assert oracles.rel_err(got, want) < 1e-5
+
+
+def test_bfloat16_products_are_accumulated_in_float32():
+    """`project` on bf16 inputs: float32 logits within float32 rounding of the float64
+    product of the same bf16 values (a bf16 accumulation, then a cast, is ~1e-3 off).
+    Run eagerly: under jit XLA:CPU folds such a cast into the dot and would hide it."""
+    from jaxent.linear.reference import project
+
+    kx, kw = jax.random.split(jax.random.PRNGKey(1), 2)
+    x = jax.random.normal(kx, (64, 32), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(kw, (100, 32), jnp.float32) * 0.5).astype(jnp.bfloat16)
+    logits = project(x, w, None)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    assert logits.dtype == jnp.float32
+    assert np.max(np.abs(np.asarray(logits, np.float64) - want) / (1 + np.abs(want))) < 1e-5

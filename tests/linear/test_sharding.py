@@ -272,3 +272,30 @@ def test_explicit_axes_with_replicated_x_and_w_equal_single_device():
     arrays = {k: (v, specs.get(k, s)) for k, (v, s) in case.arrays.items()}
     got, _ = under_jit(case._replace(arrays=arrays), (2, 4), True, oracle(A))
     assert_same(got, oracle(A))
+
+
+@pytest.mark.parametrize("impl", [None, "lean"])
+def test_the_classes_follow_w_when_the_bias_is_split_another_way(impl):
+    """Explicit axes, w's rows over "vocab" but the bias over "batch" (the positions'
+    axis): the classes take w's split, so w is never gathered (the bias, 208 floats,
+    may be); the result is the single-device one."""
+    k = _keys(5, 4)
+    x = jax.random.normal(k[0], (N, D), F32)
+    w = jax.random.normal(k[1], (V, D), F32) * 0.5
+    labels = jax.random.randint(k[2], (N,), 0, V)
+    bias = jax.random.normal(k[3], (V,), F32) * 0.1
+
+    def value_and_grads(implementation):
+        def loss(x, w, y, b):
+            return jaxent.linear_cross_entropy(x, w, y, bias=b, implementation=implementation)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3)))
+
+    want = value_and_grads("xla")(x, w, labels, bias)
+    m = mesh((2, 4), explicit=True)
+    arrays = ((x, HIDDEN), (w, TABLE), (labels, POSITIONS), (bias, P("batch")))
+    put = [jax.device_put(a, NamedSharding(m, s)) for a, s in arrays]
+    f = value_and_grads(impl)
+    assert_same(f(*put), want)
+    found = hlo.collectives(f.lower(*put).compile().as_text())
+    assert_nothing_gathered(found, vocab_shards=4)
