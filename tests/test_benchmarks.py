@@ -326,3 +326,33 @@ def test_peak_extra_bytes_is_the_new_peak_above_what_was_in_use(monkeypatch):
     assert timing.peak_extra_bytes(lambda: None) is None
     monkeypatch.setattr(timing, "_memory_stats", dict)
     assert timing.peak_extra_bytes(lambda: None) is None
+
+
+def test_subprocess_rows_get_the_floor_of_their_case():
+    """`cli.attach_floors`: a torch row (measured in another process) takes the floor
+    of the same suite, dtype and shape measured here; its ratio is its time / floor."""
+    from benchmarks.cli import attach_floors
+
+    here = [
+        {"suite": "plain", "N": 8, "C": 4, "dtype": "float32", "floor_seconds": 2.0},
+        {"suite": "plain", "N": 8, "C": 4, "dtype": "bfloat16", "floor_seconds": 1.0},
+        {"suite": "linear", "N": 8, "D": 2, "V": 4, "dtype": "float32", "floor_seconds": 5.0},
+    ]
+    extra = [
+        {"suite": "plain", "N": 8, "C": 4, "dtype": "float32", "seconds": 6.0},
+        {"suite": "linear", "N": 8, "D": 2, "V": 4, "dtype": "float32", "seconds": 10.0},
+    ]
+    got = [(r["floor_seconds"], r["ratio"]) for r in attach_floors(extra, here)]
+    assert got == [(2.0, 3.0), (5.0, 2.0)]
+
+
+def test_plain_errors_are_measured_against_a_more_precise_reference():
+    """`benchmarks.plain` with bfloat16 inputs and a float32 reference: the naive bf16
+    loss and gradients show their rounding (a bf16 reference would show 0)."""
+    import jax.numpy as jnp
+
+    from benchmarks import plain
+
+    rows = plain.run((64, 100, "bfloat16"), 1, jnp.float32)
+    (naive,) = [r for r in rows if r["implementation"] == "naive jnp"]
+    assert 1e-5 < naive["loss_rel_err"] < 1e-2 and 1e-4 < naive["grad_rel_err"] < 5e-2

@@ -324,6 +324,28 @@ def test_axis_and_leading_dims(axis):
     assert oracles.rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(5, 3), (4, 4)])
+def test_class_axis_first_with_targets_and_class_weights(shape):
+    """axis=0, classes first (C, N): soft targets move with the logits, and class
+    weights are (C,) of the class axis — float64 NumPy from the formulas; (4, 4), where
+    C == N, would hide a wrong axis from every shape check."""
+    c, n = shape
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=shape)
+    t = rng.random(size=shape)
+    t /= t.sum(axis=0, keepdims=True)
+    w = np.linspace(0.5, 2.0, c)
+    labels = np.arange(n) * 2 % c
+    lp = x - np.log(np.exp(x).sum(axis=0, keepdims=True))  # log-softmax over axis 0
+    f32 = functools.partial(jnp.asarray, dtype=F32)
+    soft = jaxent.soft_cross_entropy(f32(x), f32(t), axis=0, class_weights=f32(w),
+                                     reduction="none")  # fmt: skip
+    np.testing.assert_allclose(soft, -(w[:, None] * t * lp).sum(axis=0), rtol=1e-5)
+    hard = jaxent.cross_entropy(f32(x), jnp.asarray(labels), axis=0, class_weights=f32(w))
+    nll = -lp[labels, np.arange(n)]
+    np.testing.assert_allclose(hard, (w[labels] * nll).sum() / w[labels].sum(), rtol=1e-5)
+
+
 def test_matches_pytorch_semantics_weighted_ignore_smoothing():
     """F.cross_entropy(weight=w, ignore_index=-100, label_smoothing=ε), written out:
     loss_n = (1-ε) w[y] (-lp[y]) + ε/C Σ_c w[c] (-lp[c]); mean = Σ loss_n / Σ w[y_n]."""

@@ -144,6 +144,7 @@ def test_ignore_index_outside_the_labels_dtype_names_the_argument(loss):
     with pytest.raises(ValueError, match=r"`ignore_index` must lie in .* compared .* as int32"):
         call(2**31)
     assert np.isfinite(call(-(2**31)))
+    assert np.isfinite(call(2**31 - 1))  # int32's largest: a clipped uint32 pad id
 
 
 def test_dtype_errors_name_the_dtype_given_not_the_converted_one():

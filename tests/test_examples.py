@@ -36,3 +36,18 @@ def test_class_weights_report(tmp_path):
     for name in ("unweighted", "weighted"):
         assert len(report[name]["test"]["recall"]) == 10
         assert all(0 <= r <= 1 for r in report[name]["test"]["recall"])
+
+
+def test_batches_mask_the_padding_of_the_last_batch():
+    """10 examples in batches of 4: masks of 4, 4 and 2 kept rows, every batch the same
+    shape, and the kept rows are each example exactly once (padding repeats one)."""
+    import numpy as np
+
+    module = _load()
+    x = np.arange(10, dtype=np.float32)[:, None]
+    y = np.arange(10)
+    out = list(module.batches(x, y, 4, np.random.default_rng(0)))
+    assert [int(mask.sum()) for _, _, mask in out] == [4, 4, 2]
+    assert all(xb.shape == (4, 1) and yb.shape == mask.shape == (4,) for xb, yb, mask in out)
+    kept = np.concatenate([yb[mask] for _, yb, mask in out])
+    assert sorted(kept.tolist()) == list(range(10))

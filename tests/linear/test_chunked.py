@@ -75,6 +75,7 @@ def test_dividing_block():
     assert dividing_block(131071, 2048) == 2048  # prime: nothing divides it, V is padded
     assert dividing_block(203, 8192) == 203
     assert dividing_block(1000, 250) == 200  # 250 would be 250 runs
+    assert dividing_block(15, 10) == 5  # the range [block/2, block] includes its lower end
     # A TPU's blocks are made of runs of 8 classes: 768 = 96 runs of 8, from [512, 2048]
     # as [1024, 2048] has no divisor of V that 64 divides (1336 is 167 runs).
     assert dividing_block(128256, 2048, multiple=8) == 768
@@ -145,6 +146,8 @@ def test_default_block_size():
     block = default_block_size(10_000, 32000, "cpu")
     assert block * 32000 * 4 <= 16 << 20 < 2 * block * 32000 * 4
     assert default_block_size(3, 32000, "cpu") == 8
+    # No larger than the batch needs: a power-of-two batch is one block, not two halves.
+    assert [default_block_size(n, 32000, "cpu") for n in (16, 17, 64)] == [16, 32, 64]
     assert default_block_size(100_000, 128256, "gpu") == 2048
 
 
