@@ -313,3 +313,33 @@ def test_focal_hessian_finite_for_confident_predictions(gamma, x, t):
     assert np.all(np.isfinite(entries))
     if gamma == 2.0 and (x > 0) == (t > 0.5):
         assert np.all(np.abs(entries) < 1e-30)
+
+
+def test_focal_alpha_zero_weights_only_the_negatives():
+    """alpha in [0, 1] is on (only None or < 0 turns it off): alpha = 0 gives the
+    positive term weight 0 and the negative term weight 1 — float64 NumPy."""
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(4, 5)) * 2, rng.uniform(size=(4, 5))
+    bce = t * np.logaddexp(0, -x) + (1 - t) * np.logaddexp(0, x)
+    s = 1 / (1 + np.exp(-x))
+    p_t = s * t + (1 - s) * (1 - t)
+    want = (1 - t) * (1 - p_t) ** 2 * bce
+    got = jaxent.focal_loss(jnp.asarray(x), jnp.asarray(t), alpha=0.0, gamma=2.0, reduction="none")
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_traced_label_smoothing_out_of_range_is_nan_on_either_side():
+    """A scheduled ε outside [0, 1] (below as well as above) makes the loss and its
+    gradient NaN; ε = 0.1 is t' = 0.9 t + 0.05 (float64 NumPy)."""
+    rng = np.random.default_rng(1)
+    x, t = jnp.asarray(rng.normal(size=(4, 3)), F32), jnp.asarray(rng.uniform(size=(4, 3)), F32)
+
+    def f(z, eps):
+        return jaxent.binary_cross_entropy(z, t, label_smoothing=eps)
+
+    for eps in (-0.1, 1.1):
+        assert np.isnan(f(x, jnp.float32(eps))), eps
+        assert np.isnan(jax.grad(f)(x, jnp.float32(eps))).all(), eps
+    x64, ts = np.asarray(x, np.float64), 0.9 * np.asarray(t, np.float64) + 0.05
+    want = np.mean(ts * np.logaddexp(0, -x64) + (1 - ts) * np.logaddexp(0, x64))
+    np.testing.assert_allclose(f(x, jnp.float32(0.1)), want, rtol=1e-6)

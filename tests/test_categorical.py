@@ -817,3 +817,19 @@ def test_random_option_combinations_match_oracle(n, c, seed, options, where_kind
     assert oracles.rel_err(got, np.sum(oracle(logits))) < 1e-5
     want_grad = oracle_grad(lambda x: np.sum(oracle(x)), logits)
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_traced_label_smoothing_below_zero_is_nan(soft):
+    """A scheduled ε < 0 is out of range as ε > 1 is: loss and gradient NaN; ε = 0
+    (the boundary) stays finite."""
+    x, labels = make(31, (4,), 5)
+    targets = jax.nn.softmax(x * 0.5)
+
+    def f(z, eps):
+        if soft:
+            return jaxent.soft_cross_entropy(z, targets, label_smoothing=eps)
+        return jaxent.cross_entropy(z, labels, label_smoothing=eps)
+
+    assert np.isnan(f(x, jnp.float32(-0.1))) and np.isnan(jax.grad(f)(x, jnp.float32(-0.1))).all()
+    assert np.isfinite(f(x, jnp.float32(0.0)))

@@ -200,3 +200,43 @@ def test_phi_branches(dtype):
     huge = jnp.asarray([-1e30, 1e30], dtype)
     g = jax.grad(lambda v: jnp.sum(_q_phi(v, jnp.zeros_like(v), jnp.zeros_like(v))))(huge)
     assert np.all(np.isfinite(g))
+
+
+def test_a_teacher_row_with_nothing_kept_is_dropped_also_under_where():
+    """An all -inf teacher row has no distribution: it is dropped (0, not counted in
+    the mean) with a positions `where` as without one — float64 NumPy KL."""
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    t[1] = -np.inf
+    where = np.array([True, True, True, False])
+
+    def log_softmax(a):
+        return a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
+
+    lp, lq = log_softmax(t), log_softmax(x)
+    kl = [np.sum(np.exp(lp[i]) * (lp[i] - lq[i])) for i in (0, 2)]
+    got = jaxent.kl_divergence(jnp.asarray(x), jnp.asarray(t), where=jnp.asarray(where))
+    np.testing.assert_allclose(got, np.mean(kl), rtol=1e-10)
+    each = jaxent.kl_divergence(jnp.asarray(x), jnp.asarray(t), where=jnp.asarray(where),
+                                reduction="none")  # fmt: skip
+    assert each[1] == 0 and each[3] == 0
+
+
+def test_a_student_row_with_nothing_kept_is_inf_with_a_finite_gradient_elsewhere():
+    """An all -inf student row: its KL is +inf; masked out afterwards, its gradient is
+    exactly 0 (not 0/0 = NaN), and the other rows' is softmax(x) - softmax(t)."""
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    x[1] = -np.inf
+    keep = jnp.array([True, False, True])
+
+    def masked(a):
+        each = jaxent.kl_divergence(a, jnp.asarray(t), reduction="none")
+        return jnp.sum(jnp.where(keep, each, 0))
+
+    assert jaxent.kl_divergence(jnp.asarray(x), jnp.asarray(t), reduction="none")[1] == np.inf
+    g = np.asarray(jax.grad(masked)(jnp.asarray(x)))
+    assert (g[1] == 0).all()
+    for i in (0, 2):
+        want = np.exp(x[i]) / np.exp(x[i]).sum() - np.exp(t[i]) / np.exp(t[i]).sum()
+        np.testing.assert_allclose(g[i], want, rtol=1e-10, atol=1e-14)

@@ -672,3 +672,20 @@ def test_traced_scalar_option_gradients_come_in_their_dtype(case):
     for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-2)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "lean"])
+def test_aux_z_loss_follows_the_reduction(impl):
+    """aux.z_loss is λ lse² reduced as the loss is — per position, summed, or averaged
+    — against float64 NumPy (the shared suite compares "mean" only)."""
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(8, 6)), rng.normal(size=(10, 6))
+    labels = rng.integers(0, 10, size=8)
+    per_position = 1e-2 * np.logaddexp.reduce(x @ w.T, axis=-1) ** 2
+    for reduction, want in (("none", per_position), ("sum", per_position.sum()),
+                            ("mean", per_position.mean())):  # fmt: skip
+        _, aux = jaxent.linear_cross_entropy(
+            jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels), z_loss=1e-2,
+            reduction=reduction, return_aux=True, implementation=impl, block_size=4,
+        )  # fmt: skip
+        np.testing.assert_allclose(aux.z_loss, want, rtol=1e-6, err_msg=reduction)

@@ -70,6 +70,10 @@ def test_interpret_mode_checks_its_tiles():
     expected = "`block_classes` must be a power of two, got 24"
     with pytest.raises(ValueError, match=expected), interpret_mode(block_classes=24):
         pass
+    for mode in (interpret_mode, jaxent.pallas.tiles):  # 0 passes the bit test (0 & -1 == 0)
+        for bad in (0, -4):
+            with pytest.raises(ValueError, match=f"power of two, got {bad}"), mode(block_rows=bad):
+                pass
 
 
 def test_tiles_context_keeps_the_platform_choice_and_checks_sizes():
