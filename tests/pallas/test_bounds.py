@@ -18,6 +18,7 @@ import jaxent
 from jaxent.pallas import interpret_mode
 
 from .bounds import checked
+from .test_fused_head import make
 
 F32 = jnp.float32
 pytestmark = pytest.mark.skipif(
@@ -59,13 +60,13 @@ def test_the_check_sees_what_the_interpreter_hides(monkeypatch, masked):
         ]
 
 
-def _linear_inputs(n=37, d=40, v=90):
-    kx, kw, ky, kb, km = jax.random.split(jax.random.PRNGKey(0), 5)
-    x = jax.random.normal(kx, (n, d), F32)
-    w = jax.random.normal(kw, (v, d), F32) * 0.4
-    labels = jax.random.randint(ky, (n,), 0, v).at[:3].set(5)
-    bias = jax.random.normal(kb, (v,), F32) * 0.1
-    where = (jax.random.uniform(km, (n, v)) > 0.2) | jax.nn.one_hot(labels, v, dtype=bool)
+def _linear_inputs():
+    """test_fused_head's inputs (N=37, D=40, V=90), 3 ignored labels, a logits mask."""
+    x, w, labels, bias = make(0)
+    labels = labels.at[:3].set(5)
+    where = (jax.random.uniform(jax.random.PRNGKey(1), (37, 90)) > 0.2) | jax.nn.one_hot(
+        labels, 90, dtype=bool
+    )
     return x, w, labels, bias, where
 
 
